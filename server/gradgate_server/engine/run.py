@@ -1,0 +1,136 @@
+"""Forward and backward over a Plan.
+
+Forward computes every node in topological order and keeps its residuals (the
+CS231n ``cache``) on a Tape; backward seeds dloss/dloss = 1 and walks the steps in
+reverse, multiplying upstream gradients by local ones and accumulating with ``+``
+where a value fans out.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .compile import Plan
+from .errors import DeadlineExceeded, InvalidArgument
+from .ops import BATCH, fmt, unbroadcast
+
+
+@dataclass
+class Tape:
+    """One forward pass: every slot's value and every step's residuals."""
+
+    values: list[np.ndarray]
+    residuals: list[tuple]
+    loss: float
+    batch_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array memory held (views of another array count 0): the cache size."""
+        arrays = {id(a): a for a in [*self.values, *(r for res in self.residuals for r in res)]
+                  if isinstance(a, (np.ndarray, np.generic))}
+        return sum(a.nbytes for a in arrays.values() if not isinstance(getattr(a, "base", None), np.ndarray))
+
+
+def check_params(plan: Plan, params: Mapping[str, np.ndarray], field: str = "params",
+                 complete: bool = True) -> None:
+    """Every name a declared parameter with its exact dtype and shape."""
+    declared = {plan.names[s]: s for s in plan.params}
+    for name, value in params.items():
+        s = declared.get(name)
+        if s is None:
+            raise InvalidArgument(f"{name!r} is not a parameter of the graph; parameters: {sorted(declared)}",
+                                  f"{field}[{name!r}]")
+        if value.dtype != plan.dtypes[s] or value.shape != plan.shapes[s]:
+            raise InvalidArgument(f"parameter {name!r} must be {plan.dtypes[s].name} {fmt(plan.shapes[s])}, "
+                                  f"got {value.dtype.name} {fmt(value.shape)}", f"{field}[{name!r}]")
+    missing = sorted(set(declared) - set(params)) if complete else []
+    if missing:
+        raise InvalidArgument(f"missing parameter(s) {missing}", field)
+
+
+def check_batch(plan: Plan, inputs: Mapping[str, np.ndarray], field: str = "inputs") -> int:
+    """Every declared input present with its dtype and shape; returns the batch size."""
+    batch = None
+    for s in plan.inputs:
+        name, want = plan.names[s], plan.shapes[s]
+        value = inputs.get(name)
+        if value is None:
+            raise InvalidArgument(f"missing input {name!r}", f"{field}[{name!r}]")
+        if value.dtype != plan.dtypes[s]:
+            raise InvalidArgument(f"input {name!r} must be {plan.dtypes[s].name}, got {value.dtype.name}",
+                                  f"{field}[{name!r}]")
+        ok = len(value.shape) == len(want) and all(w in (BATCH, d) for w, d in zip(want, value.shape))
+        for w, d in zip(want, value.shape):
+            if ok and w == BATCH:
+                ok = batch in (None, d) and d > 0
+                batch = d
+        if not ok:
+            problem = f"batch size must be {batch}" if batch is not None and batch != 0 else "shape"
+            raise InvalidArgument(f"input {name!r} must have shape {fmt(want)} (N = batch, the same for all "
+                                  f"inputs, N > 0), got {fmt(value.shape)}; {problem}", f"{field}[{name!r}]")
+    extra = sorted(set(inputs) - {plan.names[s] for s in plan.inputs})
+    if extra:
+        raise InvalidArgument(f"unknown input(s) {extra}; the graph declares "
+                              f"{[plan.names[s] for s in plan.inputs]}", field)
+    return batch or 1
+
+
+def forward(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
+            deadline: float | None = None) -> Tape:
+    """Run every step; ``inputs`` must pass check_batch, ``params`` check_params."""
+    batch = check_batch(plan, inputs)
+    values: list = [None] * len(plan.names)
+    for s in plan.inputs:
+        values[s] = inputs[plan.names[s]]
+    for s in plan.params:
+        values[s] = params[plan.names[s]]
+    residuals = run_steps(plan, values, plan.steps, deadline)
+    return Tape(values, residuals, float(values[plan.loss]), batch)
+
+
+def run_steps(plan: Plan, values: list, steps: Iterable, deadline: float | None = None) -> list[tuple]:
+    """Compute ``steps`` in order into ``values``; return their residuals."""
+    residuals = []
+    with np.errstate(all="ignore"):  # NaN/Inf are reported as values, not warnings
+        for step in steps:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"deadline passed before node {step.name!r}", step.name)
+            try:
+                out, res = step.op.forward(*[values[a] for a in step.args], **step.attrs)
+            except (ValueError, IndexError, TypeError) as e:  # data-dependent, e.g. labels out of range
+                raise InvalidArgument(f"node {step.name!r} ({step.op.name}): {e}", step.name) from None
+            values[step.out] = out
+            residuals.append(res)
+    return residuals
+
+
+def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None = None) -> dict[str, np.ndarray]:
+    """Gradients of the loss with respect to the slots ``wrt``, by name.
+
+    A slot the loss does not depend on gets zeros."""
+    wrt = frozenset(wrt)
+    grads: list = [None] * len(plan.names)
+    grads[plan.loss] = np.ones((), plan.dtype)
+    masks = plan.grad_masks(wrt)
+    with np.errstate(all="ignore"):
+        for i in reversed(range(len(plan.steps))):
+            step = plan.steps[i]
+            g = grads[step.out]
+            if g is None:
+                continue
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"deadline passed in backward at node {step.name!r}", step.name)
+            res = tape.residuals[i]
+            for arg, vjp, wanted in zip(step.args, step.op.vjps, masks[i]):
+                if wanted:
+                    gi = vjp(g, *res)
+                    shape = tape.values[arg].shape
+                    if gi.shape != shape:
+                        gi = unbroadcast(gi, shape)
+                    grads[arg] = gi if grads[arg] is None else grads[arg] + gi
+    return {plan.names[s]: np.zeros_like(tape.values[s], plan.dtype) if grads[s] is None
+            else np.asarray(grads[s], plan.dtype) for s in wrt}
