@@ -63,15 +63,15 @@ def check_batch(plan: Plan, inputs: Mapping[str, np.ndarray], field: str = "inpu
         if value.dtype != plan.dtypes[s]:
             raise InvalidArgument(f"input {name!r} must be {plan.dtypes[s].name}, got {value.dtype.name}",
                                   f"{field}[{name!r}]")
-        ok = len(value.shape) == len(want) and all(w in (BATCH, d) for w, d in zip(want, value.shape))
-        for w, d in zip(want, value.shape):
-            if ok and w == BATCH:
-                ok = batch in (None, d) and d > 0
-                batch = d
-        if not ok:
-            problem = f"batch size must be {batch}" if batch is not None and batch != 0 else "shape"
-            raise InvalidArgument(f"input {name!r} must have shape {fmt(want)} (N = batch, the same for all "
-                                  f"inputs, N > 0), got {fmt(value.shape)}; {problem}", f"{field}[{name!r}]")
+        if len(value.shape) != len(want) or any(w not in (BATCH, d) for w, d in zip(want, value.shape)):
+            raise InvalidArgument(f"input {name!r} must have shape {fmt(want)} (N = batch size), "
+                                  f"got {fmt(value.shape)}", f"{field}[{name!r}]")
+        for n in {d for w, d in zip(want, value.shape) if w == BATCH}:
+            if n == 0 or batch not in (None, n):
+                raise InvalidArgument(f"input {name!r} has batch size {n}, but " +
+                                      ("N must be > 0" if n == 0 else f"other inputs have {batch}"),
+                                      f"{field}[{name!r}]")
+            batch = n
     extra = sorted(set(inputs) - {plan.names[s] for s in plan.inputs})
     if extra:
         raise InvalidArgument(f"unknown input(s) {extra}; the graph declares "
