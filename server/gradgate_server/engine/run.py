@@ -29,10 +29,14 @@ class Tape:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of array memory held (views of another array count 0): the cache size."""
-        arrays = {id(a): a for a in [*self.values, *(r for res in self.residuals for r in res)]
-                  if isinstance(a, (np.ndarray, np.generic))}
-        return sum(a.nbytes for a in arrays.values() if not isinstance(getattr(a, "base", None), np.ndarray))
+        """Bytes of array memory held, each buffer once (views count their base): the cache size."""
+        buffers = {}
+        for a in [*self.values, *(r for res in self.residuals for r in res)]:
+            if isinstance(a, (np.ndarray, np.generic)):
+                while isinstance(getattr(a, "base", None), np.ndarray):
+                    a = a.base
+                buffers[id(a)] = a.nbytes
+        return sum(buffers.values())
 
 
 def check_params(plan: Plan, params: Mapping[str, np.ndarray], field: str = "params",

@@ -1,0 +1,116 @@
+"""Session: one graph with its parameters and cached activations on the server."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gradgate.codec import dtype_of, from_tensor_map, to_tensor_map
+from gradgate.graph import Graph, TensorSpec
+from gradgate.v1 import gradient_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from gradgate.client import Client
+
+Arrays = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    loss: float
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The result of forward_backward; unpacks as ``loss, grads``."""
+
+    loss: float
+    grads: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.loss, self.grads))
+
+
+class Session:
+    """A server session; use ``Client.session`` to open one. Arrays returned are read-only."""
+
+    def __init__(self, client: Client, graph: Graph, params: Arrays):
+        self.client, self.graph = client, graph
+        self._dtypes = {v.name: v.dtype for v in (*graph.inputs, *graph.params)}
+        self._closed = False
+        request = pb.CreateSessionRequest(graph=graph.to_proto())
+        self._encode(params, request.params)
+        response = client.call("CreateSession", request)
+        self.id: str = response.session_id
+        self.parameter_count: int = response.parameter_count
+        self.ttl_seconds: float = response.ttl_seconds
+        # what the server inferred for every value, in topological order
+        self.values: dict[str, TensorSpec] = {
+            v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.values}
+
+    def _encode(self, arrays: Arrays | None, out: Any) -> None:
+        # the server accepts only the declared dtypes; asarray copies only when a cast is needed
+        to_tensor_map({name: np.asarray(a, self._dtypes.get(name)) for name, a in (arrays or {}).items()}, out)
+
+    def _call(self, method: str, request: Any) -> Any:
+        return self.client.call(method, request, self.id)
+
+    def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
+                params: Arrays | None = None) -> ForwardResult:
+        """Set ``params`` (if any), run forward on ``batch`` and cache the activations.
+
+        ``outputs`` names the nodes to return; None returns the graph's declared outputs.
+        """
+        request = pb.ForwardRequest(session_id=self.id, outputs=outputs or ())
+        self._encode(batch, request.inputs)
+        self._encode(params, request.params)
+        response = self._call("Forward", request)
+        return ForwardResult(response.loss, from_tensor_map(response.outputs, "outputs"))
+
+    def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
+        """Gradients of the loss of the last forward: every parameter, and the float inputs if ``inputs``."""
+        return _grads(self._call("Backward", pb.BackwardRequest(session_id=self.id, input_grads=inputs)))
+
+    def forward_backward(self, batch: Arrays, params: Arrays | None = None,
+                         outputs: Sequence[str] | None = None, inputs: bool = False) -> StepResult:
+        """forward then backward in one round trip; ``loss, grads = sess.forward_backward(batch)``."""
+        request = pb.ForwardBackwardRequest(session_id=self.id, outputs=outputs or (), input_grads=inputs)
+        self._encode(batch, request.inputs)
+        self._encode(params, request.params)
+        response = self._call("ForwardBackward", request)
+        return StepResult(response.loss, _grads(response), from_tensor_map(response.outputs, "outputs"))
+
+    def set_params(self, params: Arrays) -> None:
+        """Replace any subset of the parameters."""
+        request = pb.SetParametersRequest(session_id=self.id)
+        self._encode(params, request.params)
+        self._call("SetParameters", request)
+
+    def get_params(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The named parameters, or all of them."""
+        response = self._call("GetParameters", pb.GetParametersRequest(session_id=self.id, names=names or ()))
+        return from_tensor_map(response.params, "params")
+
+    def close(self) -> None:
+        """Free the session on the server; closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _grads(response: Any) -> dict[str, np.ndarray]:
+    # input_grads is empty unless they were asked for
+    return {**from_tensor_map(response.param_grads, "param_grads"),
+            **from_tensor_map(response.input_grads, "input_grads")}
