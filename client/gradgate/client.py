@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from gradgate.errors import from_rpc_error
 from gradgate.graph import Graph
+from gradgate.memory import tune_malloc
 from gradgate.params import init_params
 from gradgate.session import Session
 from gradgate.v1 import gradient_service_pb2 as pb
@@ -40,6 +41,7 @@ class OpInfo:
 def connect(address: str | None = None, *, timeout: float = 30.0,
             max_message_bytes: int = 64 * 2**20) -> Client:
     """Connect to a server at ``address``, or start an embedded one on a free local port."""
+    tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
     server = None
     if address is None:
         from gradgate_server import Config, serve  # the only place the SDK touches the server package

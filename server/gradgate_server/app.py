@@ -11,6 +11,7 @@ from concurrent import futures
 
 import grpc
 
+from gradgate.memory import tune_malloc
 from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Config
@@ -52,6 +53,7 @@ class Server:
 def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     """Start a server on ``address`` (port 0 picks a free one) and return it running."""
     config = config or Config()
+    tune_malloc()  # megabyte messages: reuse heap buffers instead of page-faulting fresh mmaps
     store = SessionStore(config.session_ttl_seconds, config.max_sessions, config.cache_bytes)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
