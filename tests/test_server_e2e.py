@@ -191,6 +191,18 @@ def test_limits_are_resource_exhausted(stub, server) -> None:
             stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=10)
 
 
+def test_message_and_tensor_size_limits() -> None:
+    with serve("127.0.0.1:0", Config(max_message_bytes=4096, max_tensor_elements=100)) as srv, \
+            grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        sid = create(stub)
+        error = rpc_error(stub.Forward, forward_request(sid, batch(60)))  # 120 elements in x
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "120 elements exceed the limit of 100" in error.details()
+        error = rpc_error(stub.Forward, forward_request(sid, batch(400)))  # > 4 KiB message
+        assert error.code() == Code.RESOURCE_EXHAUSTED
+        assert stub.Forward(forward_request(sid, batch(10)), timeout=10).loss > 0
+
+
 def test_server_keeps_serving_after_errors(stub) -> None:
     for _ in range(3):
         rpc_error(stub.Backward, pb.BackwardRequest(session_id="nope"))

@@ -31,6 +31,10 @@ class CodecError(ValueError):
         self.description = message
 
 
+class TensorTooLarge(CodecError):
+    """A tensor over the receiver's element limit."""
+
+
 def dtype_code(dtype: Any) -> int:
     """The wire enum for a numpy dtype or dtype name ("float32", np.float64, ...)."""
     try:
@@ -67,7 +71,7 @@ def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor", max_elements: int |
         raise CodecError(f"{field}.shape", f"negative dimension in shape {list(shape)}")
     size = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if max_elements is not None and size > max_elements:
-        raise CodecError(field, f"{size} elements exceed the limit of {max_elements}")
+        raise TensorTooLarge(field, f"{size} elements exceed the limit of {max_elements}")
     data = t.data
     if len(data) != size * dtype.itemsize:
         raise CodecError(f"{field}.data", f"has {len(data)} bytes, but shape {list(shape)} of "

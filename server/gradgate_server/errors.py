@@ -15,7 +15,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradgate.codec import CodecError
+from gradgate.codec import CodecError, TensorTooLarge
 
 from .engine import (DeadlineExceeded, FailedPrecondition, GradgateError, InvalidArgument, NotFound,
                      ResourceExhausted)
@@ -25,6 +25,7 @@ log = logging.getLogger("gradgate_server")
 STATUS: dict[type, grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     CodecError: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
