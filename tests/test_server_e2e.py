@@ -238,6 +238,37 @@ def test_concurrent_sessions_get_their_own_results(stub) -> None:
     assert not errors
 
 
+def test_calls_on_one_session_are_serialized(stub) -> None:
+    """8 threads share one session, each pushing its own W with every step: each loss
+    must be the loss of the W that call sent, never another thread's."""
+    sid = create(stub)
+    data = batch(6)
+    errors: list[str] = []
+
+    def expected_loss(W: np.ndarray) -> float:
+        scores = data["x"] @ W
+        probs = np.exp(scores - scores.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        return float(-np.log(probs[np.arange(6), data["y"]]).mean())
+
+    def worker(k: int) -> None:
+        W = np.random.default_rng(k).normal(size=(2, 3))
+        for _ in range(15):
+            request = pb.ForwardBackwardRequest(session_id=sid)
+            codec.to_tensor_map(data, request.inputs)
+            codec.to_tensor_map({"W": W}, request.params)
+            loss = stub.ForwardBackward(request, timeout=10).loss
+            if abs(loss - expected_loss(W)) > 1e-12:
+                errors.append(f"thread {k}: loss {loss} is not the loss of its own parameters")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+
+
 def test_idle_sessions_expire_after_the_ttl() -> None:
     with serve("127.0.0.1:0", Config(session_ttl_seconds=0.2)) as srv, \
             grpc.insecure_channel(srv.address) as channel:

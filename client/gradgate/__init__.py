@@ -5,7 +5,7 @@
 >>> x = g.input("x", (None, 2)); W = g.param("W", (2, 3))
 >>> loss = g.set_loss(gg.mean(gg.relu(x @ W)))
 """
-from gradgate import data, optim
+from gradgate import data, gradcheck, optim
 from gradgate.client import Client, OpInfo, connect
 from gradgate.data import spiral
 from gradgate.errors import GradgateError
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client", "ForwardResult", "GradgateError", "Graph", "OpInfo", "Session", "StepResult", "TensorSpec",
-    "Value", "connect", "constant", "data", "exp", "init_params", "l2", "log", "maximum", "mean", "optim",
-    "relu", "reshape", "sigmoid", "softmax_cross_entropy", "spiral", "square", "sum", "svm_loss", "tanh",
+    "Value", "connect", "constant", "data", "exp", "gradcheck", "init_params", "l2", "log", "maximum", "mean",
+    "optim", "relu", "reshape", "sigmoid", "softmax_cross_entropy", "spiral", "square", "sum", "svm_loss", "tanh",
     "train", "transpose",
 ]

@@ -1,4 +1,5 @@
-"""The ``gradgate`` command: ``gradgate demo`` trains a network through a server, ``gradgate ops`` lists the ops."""
+"""The ``gradgate`` command: ``gradgate demo`` trains a network through a server, ``gradgate ops`` lists the ops,
+``gradgate gradcheck`` checks the gradients of saved cases."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 import gradgate as gg
+from gradgate import gradcheck_job
 
 
 def two_layer_net(hidden: int = 100, classes: int = 3, reg: float = 1e-3) -> gg.Graph:
@@ -64,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("ops", help="list the ops the server supports")
     p.add_argument("--server", metavar="ADDR", help=server_help)
     p.set_defaults(run=ops)
+
+    gradcheck_job.add_command(commands)
     return parser
 
 

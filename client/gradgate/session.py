@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradgate.codec import dtype_of, from_tensor_map, to_tensor_map
+from gradgate.gradcheck import GradCheckReport, check_session
 from gradgate.graph import Graph, TensorSpec
 from gradgate.v1 import gradient_service_pb2 as pb
 
@@ -95,6 +96,16 @@ class Session:
         """The named parameters, or all of them."""
         response = self._call("GetParameters", pb.GetParametersRequest(session_id=self.id, names=names or ()))
         return from_tensor_map(response.params, "params")
+
+    def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None,
+                       **settings: Any) -> GradCheckReport:
+        """Compare the analytic gradients at ``batch`` with centered differences, on the server in float64.
+
+        ``mode`` is sparse | full | fast; ``params`` overrides parameter values for this check only;
+        ``settings`` are gradgate.gradcheck.settings's (eps, atol, rtol, num_checks, seed, wrt,
+        include_inputs, max_worst). The session's parameters and cached forward are left as they were.
+        """
+        return check_session(self, batch, mode, params, **settings)
 
     def close(self) -> None:
         """Free the session on the server; closing twice is harmless."""

@@ -1,47 +1,80 @@
-"""serve(): the one place that wires config, sessions, service and interceptors."""
+"""serve(): the one place that wires config, sessions, service, health, metrics and interceptors."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import logging
 import signal
-import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+import gradgate
 from gradgate.memory import tune_malloc
+from gradgate.v1 import gradient_service_pb2
 from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Config
 from .errors import ErrorInterceptor
-from .metrics import ObserveInterceptor
+from .health import HealthServicer
+from .logs import configure_logging
+from .metrics import Metrics, ObserveInterceptor
 from .service import GradientService
 from .sessions import SessionStore
 
 log = logging.getLogger("gradgate_server")
 
+SERVICE_NAME = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("gradgate")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return getattr(gradgate, "__version__", "unknown")
+
 
 class Server:
-    """A running gradgate server; ``address`` is host:port with the bound port."""
+    """A running gradgate server; ``address`` is host:port with the bound port,
+    ``metrics_address`` host:port of /metrics (None when off)."""
 
-    def __init__(self, server: grpc.Server, address: str, store: SessionStore, config: Config):
+    def __init__(self, server: grpc.Server, address: str, store: SessionStore, config: Config,
+                 health_servicer: HealthServicer, metrics: Metrics, metrics_address: str | None = None):
         self._server = server
         self.address = address
         self.store = store
         self.config = config
+        self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_address = metrics_address
+        self._stopped = threading.Event()
+        # Expire idle sessions even when no call arrives, so memory and metrics stay true.
+        threading.Thread(target=self._sweep, name="gradgate-sweeper", daemon=True).start()
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls; let in-flight ones finish for ``grace`` seconds."""
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish for ``grace``
+        seconds (then cancel them), and close the metrics endpoint."""
+        self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._stopped.set()
+        self.metrics.stop_http()
 
     def wait(self) -> None:
         self._server.wait_for_termination()
+
+    def _sweep(self) -> None:
+        while not self._stopped.wait(min(1.0, max(0.05, self.config.session_ttl_seconds))):
+            self.store.sweep()
 
     def __enter__(self) -> Server:
         return self
@@ -54,21 +87,33 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     """Start a server on ``address`` (port 0 picks a free one) and return it running."""
     config = config or Config()
     tune_malloc()  # megabyte messages: reuse heap buffers instead of page-faulting fresh mmaps
-    store = SessionStore(config.session_ttl_seconds, config.max_sessions, config.cache_bytes)
+    metrics = Metrics(version(), config.cache_bytes)
+    store = SessionStore(config.session_ttl_seconds, config.max_sessions, config.cache_bytes,
+                         on_event=metrics.session_event)
+    metrics.watch_store(store)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
     # Outermost first: observe sees the status that the error mapping produced.
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
-                         interceptors=[ObserveInterceptor(config.log_format), ErrorInterceptor()],
+                         interceptors=[ObserveInterceptor(metrics), ErrorInterceptor()],
                          options=options)
-    pb_grpc.add_GradientServiceServicer_to_server(GradientService(store, config), server)
+    pb_grpc.add_GradientServiceServicer_to_server(GradientService(store, config, metrics), server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     host = address.rsplit(":", 1)[0]
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    metrics_address = None
+    if config.metrics_port >= 0:
+        metrics_address = f"{host}:{metrics.serve_http(host, config.metrics_port)}"
     server.start()
-    return Server(server, f"{host}:{port}", store, config)
+    return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address)
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, Config]:
@@ -77,8 +122,12 @@ def parse_args(argv: list[str] | None) -> tuple[str, Config]:
     p.add_argument("--port", type=int, default=50051, help="port (0 = pick a free one)")
     defaults = Config()
     for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name), help=f"default {getattr(defaults, f.name)}")
+        default = f.metadata.get("cli_default", getattr(defaults, f.name))
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata.get('help', '')} (default {default})".lstrip()
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"), help=text)
     args = vars(p.parse_args(argv))
     host, port = args.pop("host"), args.pop("port")
     return f"{host}:{port}", Config(**args)
@@ -86,19 +135,26 @@ def parse_args(argv: list[str] | None) -> tuple[str, Config]:
 
 def main(argv: list[str] | None = None) -> int:
     address, config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stderr)
+    configure_logging(config.log_format)
+    # *_created series double the series count for little use; process-wide, so only in the CLI.
+    prometheus_client.disable_created_metrics()
     server = serve(address, config)
-    log.info("gradgate server listening on %s", server.address)
+    metrics_url = f"http://{server.metrics_address}/metrics" if server.metrics_address else "off"
+    log.info("gradgate server listening on %s, metrics %s", server.address, metrics_url,
+             extra={"fields": {"event": "listening", "address": server.address,
+                               "metrics_address": server.metrics_address, "version": version()}})
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping, grace %.1fs", signum, config.grace_seconds)
+        if not stopping.is_set():
+            log.info("%s: health NOT_SERVING, refusing new calls, draining in-flight calls for up to %gs",
+                     signal.Signals(signum).name, config.grace_seconds)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stopping.wait()
+    start = time.monotonic()
     server.stop(config.grace_seconds)
-    log.info("stopped")
+    log.info("stopped after draining for %.2fs", time.monotonic() - start)
     return 0

@@ -1,7 +1,7 @@
 """Server settings: every limit explicit, with the defaults the SDK shares."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MiB = 2**20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # same default as gradgate.client
@@ -16,5 +16,11 @@ class Config:
     cache_bytes: int = 2048 * MiB  # budget for all sessions' cached activations
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = 64 * MiB  # per tensor on the wire
-    grace_seconds: float = 10.0  # in-flight RPCs may finish this long on shutdown
-    log_format: str = "text"  # or "json"
+    grace_seconds: float = field(default=10.0, metadata={
+        "help": "on SIGTERM/SIGINT, in-flight calls may finish for this long before they are cancelled"})
+    log_format: str = field(default="text", metadata={"choices": ("text", "json"),
+                                                      "help": "stderr logs: text, or one JSON object per line"})
+    # Off for embedded servers (tests, the SDK) so they open no extra port; on in the CLI.
+    metrics_port: int = field(default=-1, metadata={"cli_default": 9464, "help": "Prometheus /metrics port "
+                                                    "on the same host as gRPC; 0 = any free port, -1 = off"})
+    reflection: bool = field(default=False, metadata={"help": "serve gRPC server reflection (for grpcurl)"})

@@ -1,51 +1,384 @@
-"""Observability in one place: the per-RPC interceptor (log line now; metrics to come)."""
+"""Observability in one place: every Prometheus metric, the per-RPC interceptor
+that records the standard grpc_server_* metrics and logs one line per RPC, and the
+metrics HTTP endpoint. docs/operations.md lists every metric.
+
+Each server owns a ``Metrics`` with its own CollectorRegistry, so many servers in
+one process (tests, the SDK's embedded server) never collide.
+"""
 from __future__ import annotations
 
-import json
 import logging
+import math
+import platform
+import socket
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
+import numpy as np
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import ThreadingWSGIServer
+
+if TYPE_CHECKING:
+    from .sessions import SessionStore
 
 log = logging.getLogger("gradgate_server.rpc")
 
+# Calls range from a ~0.3 ms ListOps to multi-second forwards on big batches.
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+# One op on one node: microseconds for small tensors, seconds for huge matmuls.
+OP_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+              2.5, 5)
+BYTES_BUCKETS = tuple(float(4**k) for k in range(3, 14))  # 64 B .. 64 MiB, the default message limit
+
+
+def _go_code_name(code: grpc.StatusCode) -> str:
+    """grpc_code as Go's codes.Code.String() spells it ("InvalidArgument"), which is
+    what go-grpc-prometheus exports and existing dashboards and alerts match on."""
+    special = {grpc.StatusCode.OK: "OK", grpc.StatusCode.CANCELLED: "Canceled"}
+    return special.get(code) or "".join(w.capitalize() for w in code.name.split("_"))
+
+
+GRPC_CODES: dict[grpc.StatusCode, str] = {c: _go_code_name(c) for c in grpc.StatusCode}
+
+
+class Metrics:
+    """Every metric of one server. Recording methods are cheap and thread-safe."""
+
+    def __init__(self, version: str = "unknown", cache_budget_bytes: int = 0):
+        self.registry = r = CollectorRegistry()
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", grpc_labels,
+                               registry=r)
+        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
+                               [*grpc_labels, "grpc_code"], registry=r)
+        self.handling = Histogram("grpc_server_handling_seconds",
+                                  "Time from the start of an RPC to its status, in seconds.", grpc_labels,
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.msg_received = Counter("grpc_server_msg_received_total", "Request messages received.", grpc_labels,
+                                    registry=r)
+        self.msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", grpc_labels, registry=r)
+        payload_labels = ["grpc_service", "grpc_method"]
+        self.request_bytes = Histogram("gradgate_request_bytes", "Serialized size of each request message.",
+                                       payload_labels, buckets=BYTES_BUCKETS, registry=r)
+        self.response_bytes = Histogram("gradgate_response_bytes", "Serialized size of each response message.",
+                                        payload_labels, buckets=BYTES_BUCKETS, registry=r)
+
+        self.sessions_active = Gauge("gradgate_sessions_active", "Sessions held by the server.", registry=r)
+        self.sessions_created = Counter("gradgate_sessions_created_total", "Sessions created.", registry=r)
+        self.sessions_closed = Counter(
+            "gradgate_sessions_closed_total",
+            "Sessions ended: reason=closed (CloseSession) or expired (idle longer than the TTL).",
+            ["reason"], registry=r)
+        self.evictions = Counter(
+            "gradgate_activations_evicted_total",
+            "Times a session's cached activations were evicted to fit the cache budget (the session stays; "
+            "its next Backward needs a new Forward).", registry=r)
+        self.cache_bytes = Gauge("gradgate_cache_bytes", "Bytes of cached activations held by all sessions.",
+                                 registry=r)
+        self.cache_budget = Gauge("gradgate_cache_budget_bytes", "The cache budget (--cache-bytes).", registry=r)
+        self.cache_budget.set(cache_budget_bytes)
+        self.op_seconds = Histogram("gradgate_op_compute_seconds",
+                                    "Compute time of one node, by op type and pass (forward|backward).",
+                                    ["op", "pass"], buckets=OP_BUCKETS, registry=r)
+        self.examples = Counter("gradgate_examples_processed_total",
+                                "Examples (batch rows) run through a forward pass.", registry=r)
+        self.gradient_checks = Counter("gradgate_gradient_checks_total", "Gradient checks run, by result.",
+                                       ["result"], registry=r)
+        self.nonfinite = Counter("gradgate_nonfinite_values_total",
+                                 "NaN or infinite values computed, in losses or in gradients.", ["kind"],
+                                 registry=r)
+        Info("gradgate_build", "Build information; the value is always 1.", registry=r).info(
+            {"version": version, "python_version": platform.python_version(), "grpc_version": grpc.__version__,
+             "numpy_version": np.__version__})
+        # Series that exist from the start, so rate() and alerts see 0 rather than nothing.
+        for reason in ("closed", "expired"):
+            self.sessions_closed.labels(reason)
+        for result in ("pass", "fail"):
+            self.gradient_checks.labels(result)
+        for kind in ("loss", "gradient"):
+            self.nonfinite.labels(kind)
+        self._op_timers: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._methods: dict[str, _MethodMetrics] = {}
+        self._http: WSGIServer | None = None
+
+    # -- domain recorders --------------------------------------------------------
+
+    def watch_store(self, store: SessionStore) -> None:
+        """Read session count and cache bytes live from ``store`` at every scrape."""
+        self.sessions_active.set_function(lambda: len(store))
+        self.cache_bytes.set_function(lambda: store.cache_bytes)
+
+    def session_event(self, event: str) -> None:
+        """SessionStore's hook: created | closed | expired | evicted."""
+        if event == "created":
+            self.sessions_created.inc()
+        elif event == "evicted":
+            self.evictions.inc()
+        else:
+            self.sessions_closed.labels(event).inc()
+
+    def op_timer(self, pass_: str) -> Callable[[str, float], None]:
+        """A callback ``(op, seconds)`` for the engine's ``on_step``."""
+        def observe(op: str, seconds: float) -> None:
+            timer = self._op_timers.get((op, pass_))
+            if timer is None:  # op names come from the registry, so this stays bounded
+                timer = self._op_timers[op, pass_] = self.op_seconds.labels(op, pass_).observe
+            timer(seconds)
+        return observe
+
+    def examples_processed(self, n: int) -> None:
+        self.examples.inc(n)
+
+    def gradient_check(self, passed: bool) -> None:
+        """Call once per gradient check run (the GradientCheck RPC)."""
+        self.gradient_checks.labels("pass" if passed else "fail").inc()
+
+    def check_finite(self, kind: str, values: Any) -> None:
+        """Count NaN/Inf in ``values`` (a float or an array); ``kind`` is loss | gradient."""
+        a = np.asarray(values).reshape(-1)
+        # a.a is one fast BLAS pass and is NaN/Inf if any element is (or if it overflows:
+        # then the exact count below finds nothing)
+        if a.dtype.kind == "f" and not math.isfinite(float(np.dot(a, a))):
+            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+            if bad:
+                self.nonfinite.labels(kind).inc(bad)
+
+    # -- the metrics endpoint ------------------------------------------------------
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0 = any free port) in a thread; returns the bound port."""
+        host = host.strip("[]")
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self._http = make_server(host, port, prometheus_client.make_wsgi_app(self.registry), Server, _QuietHandler)
+        # a short poll interval so stop() returns promptly
+        threading.Thread(target=self._http.serve_forever, args=(0.05,), name="gradgate-metrics", daemon=True).start()
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def scrape(self) -> str:
+        """The text exposition, as the endpoint would serve it."""
+        return prometheus_client.generate_latest(self.registry).decode()
+
+    def method(self, full_method: str, grpc_type: str) -> _MethodMetrics:
+        m = self._methods.get(full_method)
+        if m is None:
+            m = self._methods[full_method] = _MethodMetrics(self, full_method, grpc_type)
+        return m
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no access log line per scrape
+        pass
+
+
+class _MethodMetrics:
+    """The labelled children of one RPC method, resolved once."""
+
+    def __init__(self, metrics: Metrics, full_method: str, grpc_type: str):
+        self.full_method = full_method
+        service, method = full_method.lstrip("/").rsplit("/", 1)
+        labels = (grpc_type, service, method)
+        self.started = metrics.started.labels(*labels).inc
+        self.received = metrics.msg_received.labels(*labels).inc
+        self.sent = metrics.msg_sent.labels(*labels).inc
+        self.seconds = metrics.handling.labels(*labels).observe
+        self.request_bytes = metrics.request_bytes.labels(service, method).observe
+        self.response_bytes = metrics.response_bytes.labels(service, method).observe
+        self._handled = metrics.handled
+        self._labels = labels
+        self._codes: dict[grpc.StatusCode, Callable[[], None]] = {}
+
+    def handled(self, code: grpc.StatusCode) -> None:
+        inc = self._codes.get(code)
+        if inc is None:
+            inc = self._codes[code] = self._handled.labels(*self._labels, GRPC_CODES[code]).inc
+        inc()
+
+
+class _Call:
+    """One RPC in progress: counts its messages and records its end exactly once."""
+
+    def __init__(self, method: _MethodMetrics, context: grpc.ServicerContext):
+        self.method, self.context = method, context
+        self.start = time.perf_counter()
+        self.received_bytes = self.sent_bytes = 0
+        self.session = ""
+        self._once = [True]  # list.pop is atomic: end() may race with a stream's close callback
+        method.started()
+
+    def on_request(self, request: Any) -> None:
+        size = request.ByteSize()
+        self.received_bytes += size
+        self.method.received()
+        self.method.request_bytes(size)
+        self.session = self.session or getattr(request, "session_id", "")
+
+    def on_response(self, response: Any) -> None:
+        size = response.ByteSize()
+        self.sent_bytes += size
+        self.method.sent()
+        self.method.response_bytes(size)
+        self.session = self.session or getattr(response, "session_id", "")
+
+    def end(self, code: grpc.StatusCode | None = None, raised: bool = False) -> None:
+        try:
+            self._once.pop()
+        except IndexError:
+            return
+        seconds = time.perf_counter() - self.start
+        if code is None:
+            code = self.context.code() or (grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK)
+            if not self.context.is_active():  # the client went away first: that is the status it saw
+                code = (grpc.StatusCode.DEADLINE_EXCEEDED if self.context.time_remaining() <= 0
+                        else grpc.StatusCode.CANCELLED)
+        self.method.handled(code)
+        self.method.seconds(seconds)
+        if log.isEnabledFor(logging.INFO):
+            self._log(code, seconds)
+
+    def _log(self, code: grpc.StatusCode, seconds: float) -> None:
+        fields: dict[str, Any] = {"method": self.method.full_method, "code": code.name,
+                                  "duration_ms": round(seconds * 1e3, 3),
+                                  "request_bytes": self.received_bytes, "response_bytes": self.sent_bytes}
+        if self.session:
+            fields["session"] = self.session[:8]  # enough to correlate, useless as a credential
+        if code is not grpc.StatusCode.OK:
+            details = self.context.details()
+            if details:  # our messages name nodes, fields and shapes, never tensor values
+                fields["error"] = (details.decode(errors="replace") if isinstance(details, bytes)
+                                   else str(details))[:300]
+        log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+
 
 class ObserveInterceptor(grpc.ServerInterceptor):
-    """One log line per RPC: method, status code, duration, payload bytes, session prefix."""
+    """Outermost interceptor: grpc_server_* metrics, payload bytes and one log line
+    for every RPC of every service (health and reflection included), errors
+    included. It sees the status the inner ErrorInterceptor set with abort().
+    Unknown methods never reach a handler, so they are not counted (bounded labels)."""
 
-    def __init__(self, log_format: str = "text"):
-        self.json = log_format == "json"
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner, method = handler.unary_unary, details.method
+        if handler is None:
+            return None
+        kind = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
+                (True, True): "bidi_stream"}[handler.request_streaming, handler.response_streaming]
+        method = self.metrics.method(details.method, kind)
+        if kind == "unary":
+            return handler._replace(unary_unary=_unary_unary(method, handler.unary_unary))
+        if kind == "server_stream":
+            return handler._replace(unary_stream=_unary_stream(method, handler.unary_stream))
+        if kind == "client_stream":
+            return handler._replace(stream_unary=_stream_unary(method, handler.stream_unary))
+        return handler._replace(stream_stream=_stream_stream(method, handler.stream_stream))
 
-        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
-            response, code = None, grpc.StatusCode.UNKNOWN
-            try:
-                response = inner(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._log(method, code, time.perf_counter() - start, request,
-                          response.ByteSize() if response is not None else 0)
 
-        return grpc.unary_unary_rpc_method_handler(behavior, handler.request_deserializer,
-                                                   handler.response_serializer)
+def _unary_unary(method: _MethodMetrics, inner: Callable) -> Callable:
+    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        call = _Call(method, context)
+        call.on_request(request)
+        raised = True
+        try:
+            response = inner(request, context)
+            if response is not None and context.code() in (None, grpc.StatusCode.OK):
+                call.on_response(response)
+            raised = False
+            return response
+        finally:
+            call.end(raised=raised)
+    return behavior
 
-    def _log(self, method: str, code: grpc.StatusCode, seconds: float, request: Any, sent: int) -> None:
-        record = {"method": method.rsplit("/", 1)[-1], "code": code.name, "ms": round(seconds * 1e3, 3),
-                  "received_bytes": request.ByteSize(), "sent_bytes": sent,
-                  "session": getattr(request, "session_id", "")[:8]}
-        if self.json:
-            log.info(json.dumps(record))
-        else:
-            log.info(" ".join(f"{k}={v}" for k, v in record.items() if v != ""))
+
+def _counted_requests(call: _Call, requests: Iterator) -> Iterator:
+    for request in requests:
+        call.on_request(request)
+        yield request
+
+
+def _counted_responses(call: _Call, responses: Iterator) -> Iterator:
+    raised = True
+    try:
+        for response in responses:
+            call.on_response(response)
+            yield response
+        raised = False
+    finally:  # also on GeneratorExit when grpc drops a cancelled stream
+        call.end(raised=raised)
+
+
+def _unary_stream(method: _MethodMetrics, inner: Callable) -> Callable:
+    if getattr(inner, "experimental_non_blocking", False):
+        return _unary_stream_non_blocking(method, inner)
+
+    def behavior(request: Any, context: grpc.ServicerContext) -> Iterator:
+        call = _Call(method, context)
+        call.on_request(request)
+        try:
+            responses = inner(request, context)
+        except BaseException:
+            call.end(raised=True)
+            raise
+        return _counted_responses(call, responses)
+    return behavior
+
+
+def _unary_stream_non_blocking(method: _MethodMetrics, inner: Callable) -> Callable:
+    """Health Watch holds no thread while it waits; keep it that way."""
+    def behavior(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> Any:
+        call = _Call(method, context)
+        call.on_request(request)
+
+        def counted_send(response: Any) -> None:
+            if response is None:  # the handler finished the stream
+                call.end(grpc.StatusCode.OK)
+            else:
+                call.on_response(response)
+            send(response)
+
+        context.add_callback(lambda: call.end(grpc.StatusCode.CANCELLED))  # no-op if it already ended
+        return inner(request, context, counted_send)
+    behavior.experimental_non_blocking = True  # type: ignore[attr-defined]
+    behavior.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
+    return behavior
+
+
+def _stream_unary(method: _MethodMetrics, inner: Callable) -> Callable:
+    def behavior(requests: Iterator, context: grpc.ServicerContext) -> Any:
+        call = _Call(method, context)
+        raised = True
+        try:
+            response = inner(_counted_requests(call, requests), context)
+            if response is not None and context.code() in (None, grpc.StatusCode.OK):
+                call.on_response(response)
+            raised = False
+            return response
+        finally:
+            call.end(raised=raised)
+    return behavior
+
+
+def _stream_stream(method: _MethodMetrics, inner: Callable) -> Callable:
+    def behavior(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+        call = _Call(method, context)
+        try:
+            responses = inner(_counted_requests(call, requests), context)
+        except BaseException:
+            call.end(raised=True)
+            raise
+        return _counted_responses(call, responses)
+    return behavior

@@ -3,7 +3,7 @@ exceptions to the ErrorInterceptor."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 import numpy as np
@@ -14,8 +14,11 @@ from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate.v1 import graph_pb2
 
 from .config import Config
-from .engine import OPS, InvalidArgument, Plan, backward, check_params, compile_graph, forward
+from .engine import (OPS, DeadlineExceeded, InvalidArgument, Plan, backward, check_params, compile_graph,
+                     forward)
 from .engine.ops import REQUIRED
+from .gradcheck_rpc import run_gradient_check
+from .metrics import Metrics
 from .sessions import Session, SessionStore
 
 
@@ -24,10 +27,23 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def on_step(record: Callable[[str, float], None], context: grpc.ServicerContext) -> Callable[[str, float], None]:
+    """The engine's per-step hook: time the op, and stop computing for a call that
+    is gone (client cancelled, deadline passed, or the shutdown grace ran out)."""
+    def hook(op: str, seconds: float) -> None:
+        record(op, seconds)
+        if not context.is_active():
+            raise DeadlineExceeded("the call ended (cancelled or past its deadline) before the pass finished")
+    return hook
+
+
 class GradientService(pb_grpc.GradientServiceServicer):
-    def __init__(self, store: SessionStore, config: Config):
+    def __init__(self, store: SessionStore, config: Config, metrics: Metrics | None = None):
         self.store = store
         self.config = config
+        self.metrics = metrics or Metrics()  # a private registry when nobody scrapes
+        self._forward_timer = self.metrics.op_timer("forward")
+        self._backward_timer = self.metrics.op_timer("backward")
 
     # -- helpers shared by the RPCs --------------------------------------------
 
@@ -50,9 +66,12 @@ class GradientService(pb_grpc.GradientServiceServicer):
         if unknown:
             raise InvalidArgument(f"unknown output(s) {unknown}: not values of the graph", "outputs")
         params = self._updated_params(session, request.params)
-        tape = forward(plan, self._decode(request.inputs, "inputs"), params, deadline_of(context))
+        tape = forward(plan, self._decode(request.inputs, "inputs"), params, deadline_of(context),
+                       on_step(self._forward_timer, context))
         self.store.cache(session, tape)  # commit only once everything succeeded
         session.params = params
+        self.metrics.examples_processed(tape.batch_size)
+        self.metrics.check_finite("loss", tape.loss)
         response.loss = tape.loss
         to_tensor_map({n: tape.values[plan.slot[n]] for n in names}, response.outputs)
 
@@ -60,7 +79,10 @@ class GradientService(pb_grpc.GradientServiceServicer):
                   response: pb.BackwardResponse | pb.ForwardBackwardResponse) -> None:
         plan, tape = session.plan, session.require_tape()
         inputs = [s for s in plan.inputs if plan.dtypes[s] == plan.dtype] if input_grads else []
-        grads = backward(plan, tape, [*plan.params, *inputs], deadline_of(context))
+        grads = backward(plan, tape, [*plan.params, *inputs], deadline_of(context),
+                         on_step(self._backward_timer, context))
+        for g in grads.values():
+            self.metrics.check_finite("gradient", g)
         response.loss = tape.loss
         to_tensor_map({plan.names[s]: grads[plan.names[s]] for s in plan.params}, response.param_grads)
         to_tensor_map({plan.names[s]: grads[plan.names[s]] for s in inputs}, response.input_grads)
@@ -120,6 +142,14 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     def ListOps(self, request: pb.ListOpsRequest, context: grpc.ServicerContext) -> pb.ListOpsResponse:
         return LIST_OPS
+
+    def GradientCheck(self, request: pb.GradientCheckRequest,
+                      context: grpc.ServicerContext) -> pb.GradientCheckResponse:
+        # the perturbed partial forwards are not timed as "forward" ops; the hook only stops a dead call
+        result = run_gradient_check(request, self.store, self.config, deadline_of(context),
+                                    on_step(lambda op, seconds: None, context))
+        self.metrics.gradient_check(result.passed)
+        return pb.GradientCheckResponse(result=result)
 
 
 def value_infos(plan: Plan) -> Iterable[graph_pb2.ValueInfo]:

@@ -40,8 +40,11 @@ class Session:
 
 class SessionStore:
     def __init__(self, ttl_seconds: float, max_sessions: int, cache_bytes: int,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_event: Callable[[str], None] = lambda event: None):
+        """``on_event`` hears created | closed | expired | evicted (activations only)."""
         self.ttl = ttl_seconds
+        self.on_event = on_event
         self.max_sessions = max_sessions
         self.cache_budget = cache_bytes
         self.clock = clock
@@ -61,7 +64,8 @@ class SessionStore:
                                         "close sessions you no longer need", "session_id")
             session = Session(secrets.token_hex(16), plan, params, self.clock())
             self._sessions[session.id] = session
-            return session
+        self.on_event("created")
+        return session
 
     @contextmanager
     def use(self, session_id: str) -> Iterator[Session]:
@@ -84,6 +88,7 @@ class SessionStore:
             if session is None:
                 raise NotFound(f"session {session_id[:8]!r}... not found (already closed or expired)", "session_id")
             self._drop_tape(session)
+        self.on_event("closed")
 
     def cache(self, session: Session, tape: Tape | None) -> None:
         """Keep ``tape`` as the session's cache, evicting others' to stay in budget."""
@@ -101,12 +106,19 @@ class SessionStore:
                 if other.tape is not None and other is not session:
                     self._drop_tape(other)
                     other.evicted = True
+                    self.on_event("evicted")
             session.tape, session.tape_bytes, session.evicted = tape, size, False
             self.cache_bytes += size
 
     def _drop_tape(self, session: Session) -> None:
         self.cache_bytes -= session.tape_bytes
         session.tape, session.tape_bytes = None, 0
+
+    def sweep(self) -> None:
+        """Expire idle sessions now (the server calls this periodically, so an idle
+        server frees memory and its metrics stay true without traffic)."""
+        with self._lock:
+            self._expire_idle()
 
     def _expire_idle(self) -> None:
         now = self.clock()
@@ -116,3 +128,4 @@ class SessionStore:
         for sid in [sid for sid, s in self._sessions.items()
                     if now - s.last_used > self.ttl and not s.lock.locked()]:
             self._drop_tape(self._sessions.pop(sid))
+            self.on_event("expired")

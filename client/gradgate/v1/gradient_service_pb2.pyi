@@ -1,3 +1,4 @@
+from gradgate.v1 import gradcheck_pb2 as _gradcheck_pb2
 from gradgate.v1 import graph_pb2 as _graph_pb2
 from gradgate.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
@@ -247,3 +248,37 @@ class ListOpsResponse(_message.Message):
     OPS_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
     def __init__(self, ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ...) -> None: ...
+
+class GradientCheckRequest(_message.Message):
+    __slots__ = ("session_id", "graph", "params", "inputs", "settings")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    graph: _graph_pb2.Graph
+    params: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    settings: _gradcheck_pb2.GradCheckSettings
+    def __init__(self, session_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., settings: _Optional[_Union[_gradcheck_pb2.GradCheckSettings, _Mapping]] = ...) -> None: ...
+
+class GradientCheckResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _gradcheck_pb2.GradCheckResult
+    def __init__(self, result: _Optional[_Union[_gradcheck_pb2.GradCheckResult, _Mapping]] = ...) -> None: ...

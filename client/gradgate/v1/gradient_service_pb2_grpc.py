@@ -77,6 +77,11 @@ class GradientServiceStub:
                 request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ListOpsRequest.SerializeToString,
                 response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ListOpsResponse.FromString,
                 _registered_method=True)
+        self.GradientCheck = channel.unary_unary(
+                '/gradgate.v1.GradientService/GradientCheck',
+                request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.SerializeToString,
+                response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -138,6 +143,14 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GradientCheck(self, request, context):
+        """Compares analytic gradients with centered differences, in float64 on the
+        server; never changes the session's parameters or cached forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +193,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListOps,
                     request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ListOpsRequest.FromString,
                     response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ListOpsResponse.SerializeToString,
+            ),
+            'GradientCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.GradientCheck,
+                    request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.FromString,
+                    response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +419,33 @@ class GradientService:
             '/gradgate.v1.GradientService/ListOps',
             gradgate_dot_v1_dot_gradient__service__pb2.ListOpsRequest.SerializeToString,
             gradgate_dot_v1_dot_gradient__service__pb2.ListOpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradientCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradgate.v1.GradientService/GradientCheck',
+            gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.SerializeToString,
+            gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ where a value fans out.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,8 +83,13 @@ def check_batch(plan: Plan, inputs: Mapping[str, np.ndarray], field: str = "inpu
     return batch or 1
 
 
+# Optional per-step hook: called with (op name, seconds) after each step; it may raise
+# to stop the pass (the server uses it for metrics and to stop work for a cancelled call).
+OnStep = Callable[[str, float], None]
+
+
 def forward(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
-            deadline: float | None = None) -> Tape:
+            deadline: float | None = None, on_step: OnStep | None = None) -> Tape:
     """Run every step; ``inputs`` must pass check_batch, ``params`` check_params."""
     batch = check_batch(plan, inputs)
     values: list = [None] * len(plan.names)
@@ -92,27 +97,32 @@ def forward(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, n
         values[s] = inputs[plan.names[s]]
     for s in plan.params:
         values[s] = params[plan.names[s]]
-    residuals = run_steps(plan, values, plan.steps, deadline)
+    residuals = run_steps(plan, values, plan.steps, deadline, on_step)
     return Tape(values, residuals, float(values[plan.loss]), batch)
 
 
-def run_steps(plan: Plan, values: list, steps: Iterable, deadline: float | None = None) -> list[tuple]:
+def run_steps(plan: Plan, values: list, steps: Iterable, deadline: float | None = None,
+              on_step: OnStep | None = None) -> list[tuple]:
     """Compute ``steps`` in order into ``values``; return their residuals."""
     residuals = []
     with np.errstate(all="ignore"):  # NaN/Inf are reported as values, not warnings
         for step in steps:
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded(f"deadline passed before node {step.name!r}", step.name)
+            start = time.perf_counter() if on_step is not None else 0.0
             try:
                 out, res = step.op.forward(*[values[a] for a in step.args], **step.attrs)
             except (ValueError, IndexError, TypeError) as e:  # data-dependent, e.g. labels out of range
                 raise InvalidArgument(f"node {step.name!r} ({step.op.name}): {e}", step.name) from None
+            if on_step is not None:
+                on_step(step.op.name, time.perf_counter() - start)
             values[step.out] = out
             residuals.append(res)
     return residuals
 
 
-def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None = None) -> dict[str, np.ndarray]:
+def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None = None,
+             on_step: OnStep | None = None) -> dict[str, np.ndarray]:
     """Gradients of the loss with respect to the slots ``wrt``, by name.
 
     A slot the loss does not depend on gets zeros."""
@@ -128,6 +138,7 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None 
                 continue
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded(f"deadline passed in backward at node {step.name!r}", step.name)
+            start = time.perf_counter() if on_step is not None else 0.0
             res = tape.residuals[i]
             for arg, vjp, wanted in zip(step.args, step.op.vjps, masks[i]):
                 if wanted:
@@ -136,5 +147,7 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None 
                     if gi.shape != shape:
                         gi = unbroadcast(gi, shape)
                     grads[arg] = gi if grads[arg] is None else grads[arg] + gi
+            if on_step is not None:
+                on_step(step.op.name, time.perf_counter() - start)
     return {plan.names[s]: np.zeros_like(tape.values[s], plan.dtype) if grads[s] is None
             else np.asarray(grads[s], plan.dtype) for s in wrt}
