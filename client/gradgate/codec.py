@@ -12,14 +12,14 @@ import numpy as np
 
 from gradgate.v1 import graph_pb2, tensor_pb2
 
-DTYPES: dict[int, np.dtype] = {
+DTYPES: dict[tensor_pb2.DType, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
     tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
 }
-_CODES: dict[np.dtype, int] = {dt: code for code, dt in DTYPES.items()}
-DTYPE_NAMES: dict[str, int] = {dt.name: code for code, dt in DTYPES.items()}  # "float32" -> code
+_CODES: dict[np.dtype, tensor_pb2.DType] = {dt: code for code, dt in DTYPES.items()}
+DTYPE_NAMES: dict[str, tensor_pb2.DType] = {dt.name: code for code, dt in DTYPES.items()}  # "float32" -> code
 
 
 class CodecError(ValueError):
@@ -35,7 +35,7 @@ class TensorTooLarge(CodecError):
     """A tensor over the receiver's element limit."""
 
 
-def dtype_code(dtype: Any) -> int:
+def dtype_code(dtype: Any) -> tensor_pb2.DType:
     """The wire enum for a numpy dtype or dtype name ("float32", np.float64, ...)."""
     try:
         return _CODES[np.dtype(dtype).newbyteorder("<")]
@@ -46,7 +46,7 @@ def dtype_code(dtype: Any) -> int:
 def dtype_of(code: int, field: str = "dtype") -> np.dtype:
     """The numpy dtype for a wire enum value."""
     try:
-        return DTYPES[code]
+        return DTYPES[code]  # type: ignore[index]  # any int may arrive on the wire
     except KeyError:
         raise CodecError(field, f"unknown dtype enum {code}; use one of {sorted(DTYPE_NAMES)}") from None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -37,9 +36,17 @@ class Value:
     def __init__(self, graph: Graph | None, name: str | None, op: str | None = None,
                  inputs: tuple[Value, ...] = (), attrs: Mapping[str, Any] | None = None,
                  shape: Shape | None = None, dtype: str | None = None):
-        self.graph, self.name, self.op = graph, name, op
+        self.graph, self.op = graph, op
+        self.name: str = name or ""  # "" until a graph adopts the value and names it
         self.inputs, self.attrs = inputs, dict(attrs or {})
         self.shape, self.dtype = shape, dtype  # declared inputs and params only
+
+    @property
+    def spec(self) -> TensorSpec:
+        """Name, shape and dtype of a declared input or parameter."""
+        if self.shape is None or self.dtype is None:
+            raise ValueError(f"{self!r} is a node, not a declared input or parameter")
+        return TensorSpec(self.name, self.shape, self.dtype)
 
     def __repr__(self) -> str:
         return f"Value({self.name!r}, op={self.op!r})"
@@ -98,11 +105,11 @@ class Graph:
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec(v.name, v.shape, v.dtype) for v in self._inputs]
+        return [v.spec for v in self._inputs]
 
     @property
     def params(self) -> list[TensorSpec]:
-        return [TensorSpec(v.name, v.shape, v.dtype) for v in self._params]
+        return [v.spec for v in self._params]
 
     @property
     def nodes(self) -> list[Value]:
@@ -182,7 +189,7 @@ def _node(op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Value
 def _axes(axis: int | Iterable[int] | None) -> tuple[int, ...] | None:
     if axis is None:
         return None
-    return (int(axis),) if isinstance(axis, Integral) else tuple(int(a) for a in axis)
+    return tuple(int(a) for a in axis) if isinstance(axis, Iterable) else (int(axis),)
 
 
 def constant(value: Any, name: str | None = None) -> Value:

@@ -142,7 +142,7 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None 
             res = tape.residuals[i]
             for arg, vjp, wanted in zip(step.args, step.op.vjps, masks[i]):
                 if wanted:
-                    gi = vjp(g, *res)
+                    gi = vjp(g, *res)  # type: ignore[misc]  # wanted is False where vjp is None
                     shape = tape.values[arg].shape
                     if gi.shape != shape:
                         gi = unbroadcast(gi, shape)
