@@ -1,4 +1,6 @@
 """The SDK against a real server over gRPC on 127.0.0.1."""
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -89,6 +91,20 @@ def test_closed_session_is_not_found(client):
     with pytest.raises(gg.GradgateError) as e:
         sess.forward({})
     assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_leaving_a_session_the_server_expired_keeps_the_original_error():
+    """An expired session's close is quiet, so the with-block's own error surfaces."""
+    from gradgate_server import Config
+
+    with serve("127.0.0.1:0", Config(session_ttl_seconds=0.05)) as server, gg.connect(server.address) as c:
+        with pytest.raises(gg.GradgateError) as e:
+            with c.session(lecture_graph(), LECTURE_POINT) as sess:
+                deadline = time.monotonic() + 10
+                while len(server.store) and time.monotonic() < deadline:  # the sweeper expires it
+                    time.sleep(0.05)
+                sess.forward({})
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "idle for more than" in e.value.message
 
 
 def test_invalid_graph_reports_violations(client):

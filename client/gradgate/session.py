@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 
 from gradgate.codec import dtype_of, from_tensor_map, to_tensor_map
+from gradgate.errors import GradgateError
 from gradgate.gradcheck import GradCheckReport, check_session
 from gradgate.graph import Graph, TensorSpec
 from gradgate.v1 import gradient_service_pb2 as pb
@@ -108,10 +110,15 @@ class Session:
         return check_session(self, batch, mode, params, **settings)
 
     def close(self) -> None:
-        """Free the session on the server; closing twice is harmless."""
+        """Free the session on the server. Closing twice, or a session the server already
+        expired, is harmless, so leaving a ``with`` block never hides the original error."""
         if not self._closed:
             self._closed = True
-            self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+            try:
+                self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+            except GradgateError as e:
+                if e.code != grpc.StatusCode.NOT_FOUND:
+                    raise
 
     def __enter__(self) -> Session:
         return self
