@@ -89,7 +89,8 @@ class GradientService(pb_grpc.GradientServiceServicer):
 
     # -- RPCs ----------------------------------------------------------------
 
-    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
+    def CreateSession(self, request: pb.CreateSessionRequest,
+                      context: grpc.ServicerContext) -> pb.CreateSessionResponse:
         plan = compile_graph(request.graph, max_nodes=self.config.max_nodes)
         params = self._decode(request.params, "params")
         check_params(plan, params)
