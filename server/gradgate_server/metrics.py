@@ -242,7 +242,8 @@ class _Call:
         if code is None:
             code = self.context.code() or (grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK)
             if not self.context.is_active():  # the client went away first: that is the status it saw
-                code = (grpc.StatusCode.DEADLINE_EXCEEDED if self.context.time_remaining() <= 0
+                remaining = self.context.time_remaining()  # None (documented) or huge without a deadline
+                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                         else grpc.StatusCode.CANCELLED)
         self.method.handled(code)
         self.method.seconds(seconds)
