@@ -4,6 +4,8 @@
 
 Rows, per batch size:
   numpy      hand-written forward + backward (the floor: BLAS)
+  torch      the same step with PyTorch CPU autograd, if torch is installed
+             (pip install torch==2.13.0; a reference only, never a dependency)
   engine     gradgate's engine in-process (compile once, forward + backward)
   rpc        one ForwardBackward round trip through a local server, parameters pushed
              along (what gg.train does per step), float32
@@ -60,6 +62,23 @@ def numpy_step(X: np.ndarray, y: np.ndarray, p: dict[str, np.ndarray]) -> dict[s
     return {"W1": np.dot(X.T, dh), "b1": dh.sum(0), "W2": np.dot(h.T, dscores), "b2": dscores.sum(0)}
 
 
+def torch_step_fn(X: np.ndarray, y: np.ndarray, p: dict[str, np.ndarray]):
+    """The same step in PyTorch autograd, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    tx, ty = torch.from_numpy(X), torch.from_numpy(y)
+    tp = {k: torch.from_numpy(v).requires_grad_() for k, v in p.items()}
+
+    def step() -> None:
+        for t in tp.values():
+            t.grad = None
+        scores = torch.relu(tx @ tp["W1"] + tp["b1"]) @ tp["W2"] + tp["b2"]
+        torch.nn.functional.cross_entropy(scores, ty).backward()
+    return step
+
+
 def empty_call_seconds(repeats: int) -> float:
     """An empty unary call through grpcio on loopback: the transport's floor."""
     handler = grpc.method_handlers_generic_handler(
@@ -84,19 +103,22 @@ def main() -> None:
     plan = compile_graph(g.to_proto())
     empty = empty_call_seconds(args.repeats)
     print(f"empty gRPC call: {empty * 1e3:.3f} ms")
-    print(f"{'batch':>5} {'numpy ms':>9} {'engine ms':>10} {'rpc ms':>8} {'engine/numpy':>13} "
-          f"{'rpc/numpy':>10} {'(rpc-engine)/empty':>19}")
+    print(f"{'batch':>5} {'numpy ms':>9} {'torch ms':>9} {'engine ms':>10} {'rpc ms':>8} {'engine/numpy':>13} "
+          f"{'engine/torch':>13} {'rpc/numpy':>10} {'(rpc-engine)/empty':>19}")
     with serve("127.0.0.1:0") as server, gg.connect(server.address) as client, client.session(g, params) as sess:
         for n in (1, 32, 256):
             rng = np.random.default_rng(n)
             X = rng.normal(size=(n, 784)).astype(np.float32)
             y = rng.integers(0, 10, n)
             t_numpy = best_of(lambda: numpy_step(X, y, params), args.repeats)
+            torch_step = torch_step_fn(X, y, params)
+            t_torch = best_of(torch_step, args.repeats) if torch_step else float("nan")
             t_engine = best_of(lambda: backward(plan, forward(plan, {"x": X, "y": y}, params), plan.params),
                                args.repeats)
             t_rpc = best_of(lambda: sess.forward_backward({"x": X, "y": y}, params=params), args.repeats)
-            print(f"{n:>5} {t_numpy * 1e3:>9.3f} {t_engine * 1e3:>10.3f} {t_rpc * 1e3:>8.3f} "
-                  f"{t_engine / t_numpy:>13.2f} {t_rpc / t_numpy:>10.2f} {(t_rpc - t_engine) / empty:>19.2f}")
+            print(f"{n:>5} {t_numpy * 1e3:>9.3f} {t_torch * 1e3:>9.3f} {t_engine * 1e3:>10.3f} {t_rpc * 1e3:>8.3f} "
+                  f"{t_engine / t_numpy:>13.2f} {t_engine / t_torch:>13.2f} {t_rpc / t_numpy:>10.2f} "
+                  f"{(t_rpc - t_engine) / empty:>19.2f}")
 
 
 if __name__ == "__main__":
