@@ -97,7 +97,8 @@ def test_leaving_a_session_the_server_expired_keeps_the_original_error():
     """An expired session's close is quiet, so the with-block's own error surfaces."""
     from gradgate_server import Config
 
-    with serve("127.0.0.1:0", Config(session_ttl_seconds=0.05)) as server, gg.connect(server.address) as c:
+    with serve("127.0.0.1:0", Config(session_ttl_seconds=0.05)) as server, \
+            gg.connect(server.address, recover_sessions=False) as c:
         with pytest.raises(gg.GradgateError) as e:
             with c.session(lecture_graph(), LECTURE_POINT) as sess:
                 deadline = time.monotonic() + 10

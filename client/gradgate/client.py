@@ -38,9 +38,13 @@ class OpInfo:
     doc: str
 
 
-def connect(address: str | None = None, *, timeout: float = 30.0,
-            max_message_bytes: int = 64 * 2**20) -> Client:
-    """Connect to a server at ``address``, or start an embedded one on a free local port."""
+def connect(address: str | None = None, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
+            recover_sessions: bool = True) -> Client:
+    """Connect to a server at ``address``, or start an embedded one on a free local port.
+
+    ``recover_sessions``: re-create a session the server no longer knows (restarted,
+    expired, another replica) from the parameters last sent, instead of raising NOT_FOUND.
+    """
     tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
     server = None
     if address is None:
@@ -48,15 +52,16 @@ def connect(address: str | None = None, *, timeout: float = 30.0,
 
         server = serve("127.0.0.1:0", Config(max_message_bytes=max_message_bytes))
         address = server.address
-    return Client(address, timeout=timeout, max_message_bytes=max_message_bytes, server=server)
+    return Client(address, timeout=timeout, max_message_bytes=max_message_bytes, server=server,
+                  recover_sessions=recover_sessions)
 
 
 class Client:
     """One channel shared by every session; each call gets a ``timeout``-second deadline."""
 
     def __init__(self, address: str, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
-                 server: Any = None):
-        self.address, self.timeout = address, timeout
+                 server: Any = None, recover_sessions: bool = True):
+        self.address, self.timeout, self.recover_sessions = address, timeout, recover_sessions
         self._server = server  # an embedded server, stopped with the client
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", max_message_bytes),

@@ -163,7 +163,7 @@ def check_session(sess: Session, batch: Mapping[str, Any], mode: str = "sparse",
     request = pb.GradientCheckRequest(session_id=sess.id, settings=settings(mode, **kwargs))
     sess._encode(batch, request.inputs)
     sess._encode(params, request.params)
-    return GradCheckReport.from_proto(sess.client.call("GradientCheck", request, sess.id).result)
+    return GradCheckReport.from_proto(sess._call("GradientCheck", request).result)
 
 
 def check(client: Client, graph: Graph | graph_pb2.Graph, params: Mapping[str, Any], batch: Mapping[str, Any],

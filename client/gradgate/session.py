@@ -1,6 +1,15 @@
-"""Session: one graph with its parameters and cached activations on the server."""
+"""Session: one graph with its parameters and cached activations on the server.
+
+A session lives in one server's memory. If that server restarts, or a proxy sends
+the session's calls to another replica, the session id is unknown there
+(NOT_FOUND). The Session then re-creates itself from the graph and the parameter
+values it last sent (the server never changes them on its own), replays the last
+forward when the call was a Backward, and retries the call once: the results are
+the same, with no state shared between servers (DESIGN.md, Scale-out).
+"""
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,6 +28,7 @@ if TYPE_CHECKING:
     from gradgate.client import Client
 
 Arrays = Mapping[str, Any]
+log = logging.getLogger("gradgate")
 
 
 @dataclass(frozen=True)
@@ -46,22 +56,52 @@ class Session:
         self.client, self.graph = client, graph
         self._dtypes = {v.name: v.dtype for v in (*graph.inputs, *graph.params)}
         self._closed = False
-        request = pb.CreateSessionRequest(graph=graph.to_proto())
-        self._encode(params, request.params)
-        response = client.call("CreateSession", request)
-        self.id: str = response.session_id
+        self._graph = graph.to_proto()
+        self._params = self._cast(params)  # what the server holds: all we need to re-create it
+        self._last_forward: tuple[str, Any] | None = None  # (method, request) whose activations the server caches
+        response = self._create()
         self.parameter_count: int = response.parameter_count
         self.ttl_seconds: float = response.ttl_seconds
         # what the server inferred for every value, in topological order
         self.values: dict[str, TensorSpec] = {
             v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.values}
 
-    def _encode(self, arrays: Arrays | None, out: Any) -> None:
+    def _create(self) -> Any:
+        request = pb.CreateSessionRequest(graph=self._graph)
+        to_tensor_map(self._params, request.params)
+        response = self.client.call("CreateSession", request)
+        self.id: str = response.session_id
+        return response
+
+    def _cast(self, arrays: Arrays | None) -> dict[str, np.ndarray]:
         # the server accepts only the declared dtypes; asarray copies only when a cast is needed
-        to_tensor_map({name: np.asarray(a, self._dtypes.get(name)) for name, a in (arrays or {}).items()}, out)
+        return {name: np.asarray(a, self._dtypes.get(name)) for name, a in (arrays or {}).items()}
+
+    def _encode(self, arrays: Arrays | None, out: Any) -> None:
+        to_tensor_map(self._cast(arrays), out)
 
     def _call(self, method: str, request: Any) -> Any:
+        """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
+        try:
+            return self.client.call(method, request, self.id)
+        except GradgateError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND or self._closed or not self.client.recover_sessions:
+                raise
+        lost = self.id
+        self._create()
+        if method == "Backward" and self._last_forward is not None:
+            forward_method, forward_request = self._last_forward
+            forward_request.session_id = self.id
+            self.client.call(forward_method, forward_request, self.id)
+        log.warning("session %s... was not found on the server (restarted, expired or another replica); "
+                    "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
+        request.session_id = self.id
         return self.client.call(method, request, self.id)
+
+    def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any] | None) -> None:
+        """After a successful call: the server now holds ``params`` and the activations of ``forward``."""
+        self._params.update(params)
+        self._last_forward = forward
 
     def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
                 params: Arrays | None = None) -> ForwardResult:
@@ -71,8 +111,9 @@ class Session:
         """
         request = pb.ForwardRequest(session_id=self.id, outputs=outputs or ())
         self._encode(batch, request.inputs)
-        self._encode(params, request.params)
+        to_tensor_map(params := self._cast(params), request.params)
         response = self._call("Forward", request)
+        self._sent(params, ("Forward", request))
         return ForwardResult(response.loss, from_tensor_map(response.outputs, "outputs"))
 
     def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
@@ -84,15 +125,17 @@ class Session:
         """forward then backward in one round trip; ``loss, grads = sess.forward_backward(batch)``."""
         request = pb.ForwardBackwardRequest(session_id=self.id, outputs=outputs or (), input_grads=inputs)
         self._encode(batch, request.inputs)
-        self._encode(params, request.params)
+        to_tensor_map(params := self._cast(params), request.params)
         response = self._call("ForwardBackward", request)
+        self._sent(params, ("ForwardBackward", request))
         return StepResult(response.loss, _grads(response), from_tensor_map(response.outputs, "outputs"))
 
     def set_params(self, params: Arrays) -> None:
         """Replace any subset of the parameters."""
         request = pb.SetParametersRequest(session_id=self.id)
-        self._encode(params, request.params)
+        to_tensor_map(params := self._cast(params), request.params)
         self._call("SetParameters", request)
+        self._sent(params, None)  # the server dropped its cached forward too
 
     def get_params(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named parameters, or all of them."""
