@@ -129,6 +129,15 @@ def test_garbage_tensor_bytes(stub) -> None:
     assert "unknown dtype enum 99" in rpc_error(stub.Forward, request).details()
 
 
+def test_a_body_that_is_not_protobuf_is_invalid_argument(server, stub) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/gradgate.v1.GradientService/Forward")
+        error = rpc_error(call, b"\xff\xff\xff not protobuf")
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert "not a valid request message for /gradgate.v1.GradientService/Forward" in error.details()
+    create(stub)  # and the server keeps serving
+
+
 def test_unknown_session_is_not_found(stub) -> None:
     error = rpc_error(stub.Backward, pb.BackwardRequest(session_id="0" * 32))
     assert error.code() == Code.NOT_FOUND and "not found" in error.details()

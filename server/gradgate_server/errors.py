@@ -44,6 +44,33 @@ def to_status(error: GradgateError | CodecError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class Unparsable:
+    """A request body that is not a valid message of the method's request type.
+
+    grpc would answer a failed parse with INTERNAL; it is the client's mistake, so the
+    deserializer hands this on and the ErrorInterceptor answers INVALID_ARGUMENT."""
+
+    session_id = ""  # read by the per-RPC log line
+
+    def __init__(self, data: bytes, error: Exception):
+        self.data, self.error = data, error
+
+    def ByteSize(self) -> int:
+        return len(self.data)
+
+
+def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, or anything a parser may raise
+            return Unparsable(data, e)
+    return parse
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns exceptions raised by unary handlers into statuses."""
 
@@ -54,6 +81,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         inner = handler.unary_unary
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Unparsable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request body ({len(request.data)} bytes) is not a valid request message "
+                              f"for {details.method}: {request.error}")
             try:
                 return inner(request, context)
             except (GradgateError, CodecError) as e:
@@ -64,6 +95,5 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INTERNAL, f"internal server error {incident}; "
                                                         "the server log has the details")
 
-        return grpc.unary_unary_rpc_method_handler(behavior, handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(behavior, lenient(handler.request_deserializer),
                                                    handler.response_serializer)
-

@@ -15,7 +15,7 @@ from gradgate.codec import CodecError, attrs_to_dict, dtype_of
 from gradgate.v1 import graph_pb2
 
 from .errors import InvalidArgument, ResourceExhausted
-from .ops import BATCH, OPS, REQUIRED, OpDef, Shape, fmt
+from .ops import ATTR_TYPES, BATCH, OPS, REQUIRED, OpDef, Shape, fmt
 
 FLOATS = (np.dtype("<f4"), np.dtype("<f8"))
 
@@ -122,6 +122,12 @@ def _attrs(op: OpDef, node: graph_pb2.Node, where: str, float_dtype: np.dtype) -
     if unknown:
         raise _error(f"node {node.name!r} ({op.name}): unknown attribute(s) {unknown}; "
                      f"{op.name} takes {sorted(op.attrs) or 'none'}", f"{where}.attrs")
+    for key, value in given.items():
+        if not isinstance(value, ATTR_TYPES[key]) or (isinstance(value, bool) and bool not in ATTR_TYPES[key]):
+            want = " or ".join("list of ints" if t is tuple else "tensor" if t is np.ndarray else t.__name__
+                               for t in ATTR_TYPES[key])
+            raise _error(f"node {node.name!r} ({op.name}): attribute {key!r} must be {want}, "
+                         f"got {type(value).__name__}", f"{where}.attrs[{key!r}]")
     attrs = {**op.attrs, **given}
     missing = [k for k, v in attrs.items() if v is REQUIRED]
     if missing:

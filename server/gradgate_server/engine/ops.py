@@ -37,12 +37,22 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 REQUIRED = object()  # attr default meaning "must be given"
+# What each attribute name may hold, for every op that takes it (checked once, at compile).
+ATTR_TYPES: dict[str, tuple[type, ...]] = {
+    "axis": (int, tuple),  # an int or a list of ints
+    "keepdims": (bool,),
+    "shape": (tuple,),
+    "axes": (tuple,),
+    "value": (np.ndarray,),
+    "margin": (float, int),
+}
 
 
 def defop(name: str, inputs: tuple[str, ...], forward: Callable, *vjps: Callable | None,
           shape: Callable[..., Shape], doc: str, attrs: Mapping[str, Any] | None = None,
           int_inputs: tuple[str, ...] = (), float_only: bool = True) -> None:
     assert len(vjps) == len(inputs), name
+    assert set(attrs or {}) <= set(ATTR_TYPES), name
     OPS[name] = OpDef(name, inputs, forward, vjps, shape, doc, MappingProxyType(dict(attrs or {})),
                       frozenset(int_inputs), float_only)
 
