@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 from gradgate import codec
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
+from gradgate.v1 import graph_pb2
 from gradgate_server import Config, serve
 
 from graphs import node
@@ -210,6 +211,21 @@ def test_message_and_tensor_size_limits() -> None:
         error = rpc_error(stub.Forward, forward_request(sid, batch(400)))  # > 4 KiB message
         assert error.code() == Code.RESOURCE_EXHAUSTED
         assert stub.Forward(forward_request(sid, batch(10)), timeout=10).loss > 0
+
+
+def test_running_out_of_memory_is_resource_exhausted(stub) -> None:
+    """x.T @ x for 5 Mi values of x needs 200 TiB, more than a 64-bit process can even
+    address (128 TiB), so numpy raises MemoryError whatever the overcommit policy."""
+    from test_engine import declare
+
+    g = graph_pb2.Graph()
+    declare(g.inputs, "x", shape=(1, -1))
+    node(g, "xT", "transpose", "x")
+    node(g, "outer", "matmul", "xT", "x")
+    g.loss = node(g, "loss", "sum", "outer")
+    sid = create(stub, graph=g, params={})
+    error = rpc_error(stub.Forward, forward_request(sid, {"x": np.ones((1, 5 * 2**20))}))
+    assert error.code() == Code.RESOURCE_EXHAUSTED and "out of memory" in error.details()
 
 
 def test_server_keeps_serving_after_errors(stub) -> None:

@@ -89,6 +89,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return inner(request, context)
             except (GradgateError, CodecError) as e:
                 context.abort_with_status(to_status(e))
+            except MemoryError:
+                log.warning("out of memory in %s", details.method)
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this "
+                                                                  "request; send smaller batches")
             except Exception:
                 incident = uuid.uuid4().hex[:12]
                 log.exception("internal error %s in %s", incident, details.method)
