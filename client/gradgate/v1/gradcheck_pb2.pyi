@@ -97,7 +97,7 @@ class GradCheckResult(_message.Message):
     def __init__(self, passed: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorCheck, _Mapping]]] = ..., loss: _Optional[float] = ..., settings: _Optional[_Union[GradCheckSettings, _Mapping]] = ..., numeric_steps: _Optional[int] = ...) -> None: ...
 
 class GradCheckCase(_message.Message):
-    __slots__ = ("name", "description", "graph", "params", "inputs", "settings")
+    __slots__ = ("name", "description", "graph", "params", "inputs", "settings", "mode", "seed")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,10 +118,14 @@ class GradCheckCase(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     graph: _graph_pb2.Graph
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     settings: GradCheckSettings
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., settings: _Optional[_Union[GradCheckSettings, _Mapping]] = ...) -> None: ...
+    mode: _graph_pb2.Mode
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., settings: _Optional[_Union[GradCheckSettings, _Mapping]] = ..., mode: _Optional[_Union[_graph_pb2.Mode, str]] = ..., seed: _Optional[int] = ...) -> None: ...

@@ -1,6 +1,7 @@
 from gradgate.v1 import gradcheck_pb2 as _gradcheck_pb2
 from gradgate.v1 import graph_pb2 as _graph_pb2
 from gradgate.v1 import tensor_pb2 as _tensor_pb2
+from gradgate.v1 import train_pb2 as _train_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -10,8 +11,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("graph", "params")
+    __slots__ = ("graph", "params", "buffers")
     class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -20,24 +28,28 @@ class CreateSessionRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "values", "parameter_count", "ttl_seconds")
+    __slots__ = ("session_id", "values", "parameter_count", "ttl_seconds", "buffers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     values: _containers.RepeatedCompositeFieldContainer[_graph_pb2.ValueInfo]
     parameter_count: int
     ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., values: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    buffers: _containers.RepeatedCompositeFieldContainer[_graph_pb2.ValueInfo]
+    def __init__(self, session_id: _Optional[str] = ..., values: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ..., parameter_count: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., buffers: _Optional[_Iterable[_Union[_graph_pb2.ValueInfo, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "inputs", "outputs", "params")
+    __slots__ = ("session_id", "inputs", "outputs", "params", "mode", "seed")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,15 +68,26 @@ class ForwardRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    mode: _graph_pb2.Mode
+    seed: int
+    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[_graph_pb2.Mode, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("loss", "outputs")
+    __slots__ = ("loss", "outputs", "forward_id", "buffers")
     class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -73,17 +96,23 @@ class ForwardResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    forward_id: int
+    buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., forward_id: _Optional[int] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("session_id", "input_grads")
+    __slots__ = ("session_id", "input_grads", "forward_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     input_grads: bool
-    def __init__(self, session_id: _Optional[str] = ..., input_grads: _Optional[bool] = ...) -> None: ...
+    forward_id: int
+    def __init__(self, session_id: _Optional[str] = ..., input_grads: _Optional[bool] = ..., forward_id: _Optional[int] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("loss", "param_grads", "input_grads")
@@ -110,7 +139,7 @@ class BackwardResponse(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., param_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("session_id", "inputs", "outputs", "params", "input_grads")
+    __slots__ = ("session_id", "inputs", "outputs", "params", "input_grads", "mode", "seed")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,15 +159,19 @@ class ForwardBackwardRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     input_grads: bool
-    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[bool] = ...) -> None: ...
+    mode: _graph_pb2.Mode
+    seed: int
+    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[bool] = ..., mode: _Optional[_Union[_graph_pb2.Mode, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "param_grads", "input_grads")
+    __slots__ = ("loss", "outputs", "param_grads", "input_grads", "buffers")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,19 +193,35 @@ class ForwardBackwardResponse(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAM_GRADS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     param_grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
     input_grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., param_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., param_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class SetParametersRequest(_message.Message):
-    __slots__ = ("session_id", "params")
+    __slots__ = ("session_id", "params", "buffers")
     class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -181,9 +230,11 @@ class SetParametersRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, session_id: _Optional[str] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class SetParametersResponse(_message.Message):
     __slots__ = ()
@@ -198,7 +249,7 @@ class GetParametersRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetParametersResponse(_message.Message):
-    __slots__ = ("params",)
+    __slots__ = ("params", "buffers")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,9 +257,18 @@ class GetParametersResponse(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BuffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -250,7 +310,7 @@ class ListOpsResponse(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ...) -> None: ...
 
 class GradientCheckRequest(_message.Message):
-    __slots__ = ("session_id", "graph", "params", "inputs", "settings")
+    __slots__ = ("session_id", "graph", "params", "inputs", "settings", "mode", "seed")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,12 +330,16 @@ class GradientCheckRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     graph: _graph_pb2.Graph
     params: _containers.MessageMap[str, _tensor_pb2.Tensor]
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     settings: _gradcheck_pb2.GradCheckSettings
-    def __init__(self, session_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., settings: _Optional[_Union[_gradcheck_pb2.GradCheckSettings, _Mapping]] = ...) -> None: ...
+    mode: _graph_pb2.Mode
+    seed: int
+    def __init__(self, session_id: _Optional[str] = ..., graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., settings: _Optional[_Union[_gradcheck_pb2.GradCheckSettings, _Mapping]] = ..., mode: _Optional[_Union[_graph_pb2.Mode, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GradientCheckResponse(_message.Message):
     __slots__ = ("result",)

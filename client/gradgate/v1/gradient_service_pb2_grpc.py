@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from gradgate.v1 import gradient_service_pb2 as gradgate_dot_v1_dot_gradient__service__pb2
+from gradgate.v1 import train_pb2 as gradgate_dot_v1_dot_train__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -82,6 +83,16 @@ class GradientServiceStub:
                 request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.SerializeToString,
                 response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.FromString,
                 _registered_method=True)
+        self.UploadData = channel.stream_unary(
+                '/gradgate.v1.GradientService/UploadData',
+                request_serializer=gradgate_dot_v1_dot_train__pb2.UploadDataRequest.SerializeToString,
+                response_deserializer=gradgate_dot_v1_dot_train__pb2.UploadDataResponse.FromString,
+                _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/gradgate.v1.GradientService/Train',
+                request_serializer=gradgate_dot_v1_dot_train__pb2.TrainRequest.SerializeToString,
+                response_deserializer=gradgate_dot_v1_dot_train__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -151,6 +162,24 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadData(self, request_iterator, context):
+        """Stores a dataset in the session for Train, in chunks of rows (each under
+        the message limit); replaces any earlier dataset. Counted against the
+        server's data budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Train(self, request_iterator, context):
+        """Trains on the session's uploaded dataset on the server: the first request
+        starts the run, the server streams every step's loss and, every
+        sync_every steps and at the end, the parameters and optimizer state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +227,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.GradientCheck,
                     request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.FromString,
                     response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.SerializeToString,
+            ),
+            'UploadData': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadData,
+                    request_deserializer=gradgate_dot_v1_dot_train__pb2.UploadDataRequest.FromString,
+                    response_serializer=gradgate_dot_v1_dot_train__pb2.UploadDataResponse.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=gradgate_dot_v1_dot_train__pb2.TrainRequest.FromString,
+                    response_serializer=gradgate_dot_v1_dot_train__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +485,60 @@ class GradientService:
             '/gradgate.v1.GradientService/GradientCheck',
             gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckRequest.SerializeToString,
             gradgate_dot_v1_dot_gradient__service__pb2.GradientCheckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradgate.v1.GradientService/UploadData',
+            gradgate_dot_v1_dot_train__pb2.UploadDataRequest.SerializeToString,
+            gradgate_dot_v1_dot_train__pb2.UploadDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradgate.v1.GradientService/Train',
+            gradgate_dot_v1_dot_train__pb2.TrainRequest.SerializeToString,
+            gradgate_dot_v1_dot_train__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,11 +1,21 @@
 from gradgate.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_TRAIN: _ClassVar[Mode]
+    MODE_EVAL: _ClassVar[Mode]
+MODE_UNSPECIFIED: Mode
+MODE_TRAIN: Mode
+MODE_EVAL: Mode
 
 class ValueInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape")
