@@ -1,13 +1,7 @@
 """grpc.health.v1, reflection, and graceful shutdown of a real server process on a real signal."""
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -23,7 +17,8 @@ from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import Config, serve
 from gradgate_server.app import parse_args
 
-from obs import GRADIENT_SERVICE, Scrape, chain_graph, chain_params, create_request, forward_request, wait_for
+from obs import GRADIENT_SERVICE, chain_graph, chain_params, create_request, forward_request, wait_for
+from procs import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -85,49 +80,6 @@ def test_cli_flags() -> None:
 
 
 # -- a real process and a real signal --------------------------------------------
-
-class ServerProcess:
-    """``python -m gradgate_server`` with JSON logs; reads its bound addresses from the log."""
-
-    def __init__(self, *args: str):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "client"), str(ROOT / "server"), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradgate_server", "--port", "0", "--metrics-port", "0", "--log-format", "json",
-             *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: queue.Queue[dict] = queue.Queue()
-        self.log: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        listening = self.next_line(lambda line: line.get("event") == "listening", timeout=20)
-        self.address, self.metrics_address = listening["address"], listening["metrics_address"]
-
-    def _read(self) -> None:
-        for text in self.proc.stderr:
-            line = json.loads(text)  # every line is JSON with --log-format json
-            self.log.append(line)
-            self.lines.put(line)
-
-    def next_line(self, match, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"no matching log line within {timeout}s; log so far: {self.log}")
-            if match(line):
-                return line
-
-    def in_flight(self, method: str) -> float:
-        s = Scrape.of(self.metrics_address)
-        labels = dict(grpc_service=GRADIENT_SERVICE, grpc_method=method)
-        return s.value("grpc_server_started_total", **labels) - s.value("grpc_server_handled_total", **labels)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.proc.stderr.close()
-
 
 @pytest.fixture
 def server_process() -> Iterator:

@@ -31,7 +31,7 @@ PARAMS = {"W": np.ones((2, 3)), "b": np.zeros(3)}
 
 @pytest.fixture
 def server() -> Iterator:
-    with serve("127.0.0.1:0", Config(metrics_port=0)) as srv:
+    with serve("127.0.0.1:0", Config(metrics_port=0, op_timing_every=1)) as srv:
         yield srv
 
 

@@ -1,14 +1,20 @@
 """ndarray <-> Tensor: the only place that knows the byte layout.
 
-Tensors are little-endian, C-order, no strides. Decoding is ``np.frombuffer``
-(zero copy, read-only) plus a size check; encoding is one ``tobytes()``.
+Tensors are little-endian, C-order, no strides. Messages that carry
+``map<string, Tensor>`` fields travel through ``encode`` and ``decode``, which
+write and read those maps by hand: ``encode`` copies each array's bytes once,
+straight into the outgoing message, and ``decode`` hands out read-only arrays
+that view the received bytes (no copy at all). Everything else in a message is
+ordinary protobuf. Element counts are Python ints, checked before numpy sees them.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from gradgate.v1 import graph_pb2, tensor_pb2
 
@@ -20,6 +26,8 @@ DTYPES: dict[tensor_pb2.DType, np.dtype] = {
 }
 _CODES: dict[np.dtype, tensor_pb2.DType] = {dt: code for code, dt in DTYPES.items()}
 DTYPE_NAMES: dict[str, tensor_pb2.DType] = {dt.name: code for code, dt in DTYPES.items()}  # "float32" -> code
+M = TypeVar("M", bound=Message)
+Arrays = Mapping[str, Any]
 
 
 class CodecError(ValueError):
@@ -51,6 +59,33 @@ def dtype_of(code: int, field: str = "dtype") -> np.dtype:
         raise CodecError(field, f"unknown dtype enum {code}; use one of {sorted(DTYPE_NAMES)}") from None
 
 
+def _at(field: str, name: str | None) -> str:
+    """How an error names a tensor: "inputs['x']" (names shortened: they come from the wire)."""
+    return field if name is None else f"{field}[{name[:64]!r}]"
+
+
+def _array(code: int, shape: tuple[int, ...], data: bytes, offset: int, nbytes: int, max_elements: int | None,
+           field: str, name: str | None = None) -> np.ndarray:
+    """A read-only array viewing ``data[offset:offset + nbytes]``, after checking it against ``shape``.
+    Errors name ``field`` (and map key ``name``)."""
+    dtype = DTYPES.get(code)  # type: ignore[call-overload]  # any int may arrive on the wire
+    if dtype is None:
+        dtype_of(code, f"{_at(field, name)}.dtype")  # raises, naming the field
+    if shape and min(shape) < 0:
+        raise CodecError(f"{_at(field, name)}.shape", f"negative dimension in shape {list(shape)}")
+    size = math.prod(shape)  # exact: a Python int, however large the dimensions
+    if max_elements is not None and size > max_elements:
+        raise TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; the limit is {max_elements}")
+    if nbytes != size * dtype.itemsize:
+        raise CodecError(f"{_at(field, name)}.data", f"has {nbytes} bytes, but shape {list(shape)} of "
+                                                     f"{dtype.name} needs {size * dtype.itemsize}")
+    if size == 0:
+        a = np.empty(shape, dtype)
+        a.flags.writeable = False
+        return a
+    return np.frombuffer(data, dtype, size, offset).reshape(shape)
+
+
 def to_tensor(array: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
     """Encode an array (or scalar) into ``out`` (a new Tensor if None)."""
     a = np.asarray(array)
@@ -64,19 +99,9 @@ def to_tensor(array: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Te
 
 
 def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor", max_elements: int | None = None) -> np.ndarray:
-    """Decode a Tensor into a read-only array viewing its bytes."""
-    dtype = dtype_of(t.dtype, f"{field}.dtype")
-    shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
-        raise CodecError(f"{field}.shape", f"negative dimension in shape {list(shape)}")
-    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if max_elements is not None and size > max_elements:
-        raise TensorTooLarge(field, f"{size} elements exceed the limit of {max_elements}")
+    """Decode a Tensor message into a read-only array viewing its bytes."""
     data = t.data
-    if len(data) != size * dtype.itemsize:
-        raise CodecError(f"{field}.data", f"has {len(data)} bytes, but shape {list(shape)} of "
-                                          f"{dtype.name} needs {size * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return _array(t.dtype, tuple(t.shape), data, 0, len(data), max_elements, field)
 
 
 def to_tensor_map(arrays: Mapping[str, Any], out: Any) -> None:
@@ -123,3 +148,211 @@ def value_to_attr(value: Any, out: graph_pb2.AttrValue) -> None:
 
 def attrs_to_dict(attrs: Mapping[str, graph_pb2.AttrValue], field: str = "attrs") -> dict[str, Any]:
     return {k: attr_to_value(v, f"{field}[{k!r}]") for k, v in attrs.items()}
+
+
+# -- whole messages: tensor maps written and read by hand -------------------------
+
+_SMALL = tuple(bytes((i,)) for i in range(128))
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _SMALL[n]
+    if n < 16384:
+        return bytes((n & 127 | 128, n >> 7))
+    out = bytearray()
+    while n >= 128:
+        out.append((n & 127) | 128)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_MAPS: dict[type, dict[str, int]] = {}
+
+
+def _tensor_maps(cls: type[Message]) -> dict[str, int]:
+    """Field name -> number of every top-level ``map<string, Tensor>`` field of ``cls``."""
+    maps = _MAPS.get(cls)
+    if maps is None:
+        maps = _MAPS[cls] = {
+            f.name: f.number for f in cls.DESCRIPTOR.fields
+            if f.message_type is not None and f.message_type.GetOptions().map_entry
+            and f.message_type.fields_by_name["value"].message_type is tensor_pb2.Tensor.DESCRIPTOR}
+    return maps
+
+
+def _tensor_entry(parts: list, tag: bytes, name: str, value: Any) -> None:
+    """Append one map entry {name: Tensor(value)} with field tag ``tag`` to ``parts``: the
+    array itself goes in as a buffer, so the final join copies its bytes once."""
+    a = value if type(value) is np.ndarray else np.asarray(value)
+    code = _CODES.get(a.dtype)
+    if code is None:
+        code = dtype_code(a.dtype)
+        a = a.astype(DTYPES[code])
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    shape = a.shape
+    dims = (bytes(shape) if max(shape) < 128 else b"".join([_varint(d) for d in shape])) if shape else b""
+    nbytes = a.nbytes
+    tensor = b"\x08" + _SMALL[code] + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
+        b"\x1a" + _varint(nbytes) if nbytes else b"")
+    key = name.encode()
+    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(tensor) + nbytes) + tensor
+    parts.append(tag + _varint(len(entry) + nbytes) + entry)
+    if nbytes:
+        parts.append(a)
+
+
+def encode(message: Message, **tensors: Arrays | None) -> bytes:
+    """Serialize ``message`` with its ``map<string, Tensor>`` fields given as arrays:
+    ``encode(pb.ForwardRequest(session_id=s), inputs={"x": x})``. Each array's bytes are
+    copied once, into the result."""
+    numbers = _tensor_maps(type(message))
+    parts: list[Any] = [message.SerializeToString()]
+    for field, arrays in tensors.items():
+        if arrays:
+            tag = _varint(numbers[field] << 3 | 2)
+            for name, value in arrays.items():
+                _tensor_entry(parts, tag, name, value)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end:
+        b = data[pos]
+        pos += 1
+        result |= (b & 127) << shift
+        if b < 128:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            break
+    raise DecodeError("truncated or overlong varint")
+
+
+def _skip(data: bytes, wire: int, pos: int, end: int) -> int:
+    """The position after a field's value of wire type ``wire``."""
+    if wire == 0:
+        return _read_varint(data, pos, end)[1]
+    if wire == 1:
+        pos += 8
+    elif wire == 2:
+        length, pos = _read_varint(data, pos, end)
+        pos += length
+    elif wire == 5:
+        pos += 4
+    else:
+        raise DecodeError(f"unsupported wire type {wire}")
+    if pos > end:
+        raise DecodeError("truncated field")
+    return pos
+
+
+def _read_dims(data: bytes, pos: int, stop: int) -> list[int]:
+    """Packed int64 varints (negative ones are ten bytes long)."""
+    dims = data[pos:stop]
+    if dims.isascii():  # every dimension < 128: one byte each, the common case
+        return list(dims)
+    out = []
+    while pos < stop:
+        d, pos = _read_varint(data, pos, stop)
+        out.append(d - (1 << 64) if d >= 1 << 63 else d)
+    return out
+
+
+def _read_tensor(data: bytes, pos: int, end: int, max_elements: int | None, field: str, name: str) -> np.ndarray:
+    """A Tensor message in data[pos:end]; single-byte tags and lengths take the short path."""
+    code, shape, offset, nbytes = 0, [], pos, 0
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key == 0x08:  # dtype
+            code = data[pos]
+            pos += 1
+            if code >= 128:
+                code, pos = _read_varint(data, pos - 1, end)
+        elif key == 0x12:  # shape, packed
+            n = data[pos]
+            pos += 1
+            if n >= 128:
+                n, pos = _read_varint(data, pos - 1, end)
+            if pos + n > end:
+                raise DecodeError("truncated shape")
+            shape += _read_dims(data, pos, pos + n)
+            pos += n
+        elif key == 0x1A:  # data
+            nbytes, offset = _read_varint(data, pos, end)
+            pos = offset + nbytes
+            if pos > end:
+                raise DecodeError("truncated tensor data")
+        else:
+            key, pos = _read_varint(data, pos - 1, end)
+            if key == 0x10:  # shape, unpacked, as some encoders write it
+                d, pos = _read_varint(data, pos, end)
+                shape.append(d - (1 << 64) if d >= 1 << 63 else d)
+            else:
+                pos = _skip(data, key & 7, pos, end)
+    return _array(code, tuple(shape), data, offset, nbytes, max_elements, field, name)
+
+
+def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
+    """Parse ``data`` as a ``cls`` message: the message without its tensor maps, and those maps
+    as ``{field: {name: array}}`` of read-only arrays viewing ``data``. A malformed body raises
+    CodecError naming the field; a tensor over ``max_elements`` raises TensorTooLarge."""
+    numbers = _tensor_maps(cls)
+    arrays: dict[str, dict[str, np.ndarray]] = {field: {} for field in numbers}
+    if not numbers:
+        try:
+            return cls.FromString(data), arrays
+        except DecodeError as e:
+            raise _not_a(cls, data, e) from None
+    fields = {number: field for field, number in numbers.items()}
+    rest: list[bytes] = []
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            start = pos
+            key = data[pos]
+            pos += 1
+            if key >= 128:
+                key, pos = _read_varint(data, pos - 1, end)
+            field = fields.get(key >> 3) if key & 7 == 2 else None
+            if field is None:
+                pos = _skip(data, key & 7, pos, end)
+                rest.append(data[start:pos])
+                continue
+            length, pos = _read_varint(data, pos, end)
+            stop = pos + length
+            if stop > end:
+                raise DecodeError("truncated map entry")
+            name, tensor = "", None
+            while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
+                key = data[pos]
+                if key == 0x0A or key == 0x12:
+                    n = data[pos + 1]
+                    pos += 2
+                    if n >= 128:
+                        n, pos = _read_varint(data, pos - 1, stop)
+                    if key == 0x0A:
+                        name = data[pos:pos + n].decode()
+                    else:
+                        tensor = (pos, pos + n)
+                    pos += n
+                else:
+                    key, pos = _read_varint(data, pos, stop)
+                    pos = _skip(data, key & 7, pos, stop)
+            if pos > stop:
+                raise DecodeError("truncated map entry")
+            t0, t1 = tensor if tensor is not None else (stop, stop)
+            arrays[field][name] = _read_tensor(data, t0, t1, max_elements, field, name)
+        message = cls.FromString(b"".join(rest))
+    except (DecodeError, UnicodeDecodeError) as e:
+        raise _not_a(cls, data, e) from None
+    return message, arrays
+
+
+def _not_a(cls: type[Message], data: bytes, error: Exception) -> CodecError:
+    return CodecError("request", f"the body ({len(data)} bytes) is not a valid {cls.DESCRIPTOR.full_name} "
+                                 f"message: {error}")

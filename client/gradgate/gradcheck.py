@@ -161,9 +161,8 @@ def check_session(sess: Session, batch: Mapping[str, Any], mode: str = "sparse",
                   params: Mapping[str, Any] | None = None, **kwargs: Any) -> GradCheckReport:
     """Check ``sess``'s gradients at ``batch``; see ``Session.gradient_check``."""
     request = pb.GradientCheckRequest(session_id=sess.id, settings=settings(mode, **kwargs))
-    sess._encode(batch, request.inputs)
-    sess._encode(params, request.params)
-    return GradCheckReport.from_proto(sess._call("GradientCheck", request).result)
+    response, _ = sess._call("GradientCheck", request, inputs=sess._cast(batch), params=sess._cast(params))
+    return GradCheckReport.from_proto(response.result)
 
 
 def check(client: Client, graph: Graph | graph_pb2.Graph, params: Mapping[str, Any], batch: Mapping[str, Any],
@@ -177,7 +176,7 @@ def run_case(client: Client, case: gradcheck_pb2.GradCheckCase) -> GradCheckRepo
     request = pb.GradientCheckRequest(graph=case.graph, settings=case.settings)
     request.params.MergeFrom(case.params)
     request.inputs.MergeFrom(case.inputs)
-    return GradCheckReport.from_proto(client.call("GradientCheck", request).result)
+    return GradCheckReport.from_proto(client.call("GradientCheck", request)[0].result)
 
 
 # -- case files -------------------------------------------------------------------

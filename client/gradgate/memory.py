@@ -28,3 +28,12 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_memory() -> bool:
+    """Return free heap memory to the OS (glibc's malloc_trim), e.g. after sessions close:
+    the raised trim threshold would otherwise keep up to 256 MiB of it."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -1,50 +1,146 @@
-"""Optimizers with their state on the client: ``opt.step(params, grads) -> new params``.
+"""Optimizers: ``opt.step(params, grads) -> new params``.
 
-Steps return new arrays and never mutate their arguments (the decoded gradients
-are read-only views of the response bytes).
+The same update rules run on the client (``gg.train``) and on the server (the
+Train stream rebuilds the optimizer with ``from_proto`` and resumes its state
+with ``load_state``), so both loops give the same parameters bit for bit.
+
+Steps return new parameter arrays and never mutate their arguments (decoded
+gradients are read-only views of the response bytes); the optimizer updates its
+own state arrays in place.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
+
+from gradgate.v1 import train_pb2
 
 Arrays = Mapping[str, np.ndarray]
 
 
-class SGD:
+class Optimizer(Protocol):
+    """What gg.train needs of an optimizer."""
+
+    step_count: int
+
+    def step(self, params: Arrays, grads: Arrays) -> dict[str, np.ndarray]: ...
+
+    def to_proto(self) -> train_pb2.Optimizer: ...
+
+    def state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, step_count: int, slots: Arrays) -> None: ...
+
+    def state_bytes(self, params: Arrays) -> int: ...
+
+
+class _Slots:
+    """Per-parameter state arrays, created on the first step and named "<slot>/<param>" on the wire."""
+
+    SLOTS: tuple[str, ...] = ()
+    step_count: int
+
+    def __init__(self) -> None:
+        self.step_count = 0
+        self.slots: dict[str, dict[str, np.ndarray]] = {slot: {} for slot in self.SLOTS}
+
+    def _slot(self, slot: str, name: str, like: np.ndarray) -> np.ndarray:
+        s = self.slots[slot].get(name)
+        if s is None:
+            s = self.slots[slot][name] = np.zeros(like.shape, like.dtype)
+        return s
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The state arrays by wire name, e.g. {"m/W1": ..., "v/W1": ...}."""
+        return {f"{slot}/{name}": a for slot, arrays in self.slots.items() for name, a in arrays.items()}
+
+    def load_state(self, step_count: int, slots: Arrays) -> None:
+        """Resume from ``state()`` and ``step_count`` (copies, so the optimizer owns its state)."""
+        self.step_count = int(step_count)
+        self.slots = {slot: {} for slot in self.SLOTS}
+        for key, a in slots.items():
+            slot, _, name = key.partition("/")
+            if slot not in self.slots or not name:
+                raise ValueError(f"unknown optimizer state {key!r} for {type(self).__name__}; "
+                                 f"expected '<slot>/<parameter>' with slot in {list(self.SLOTS)}")
+            self.slots[slot][name] = np.array(a)
+
+    def state_bytes(self, params: Arrays) -> int:
+        """What the state takes once it covers ``params``."""
+        return len(self.SLOTS) * sum(p.nbytes for p in params.values())
+
+
+class SGD(_Slots):
     """Gradient descent with optional momentum (CS231n form: v = mu*v - lr*g; p += v)."""
 
+    SLOTS = ("velocity",)
+
     def __init__(self, lr: float, momentum: float = 0.0):
-        self.lr, self.momentum = lr, momentum
-        self.velocity: dict[str, np.ndarray] = {}
+        super().__init__()
+        self.lr, self.momentum = float(lr), float(momentum)
+
+    def state_bytes(self, params: Arrays) -> int:
+        return super().state_bytes(params) if self.momentum else 0
 
     def step(self, params: Arrays, grads: Arrays) -> dict[str, np.ndarray]:
+        self.step_count += 1
+        if not self.momentum:
+            return {name: p - self.lr * grads[name] for name, p in params.items()}
         new = {}
         for name, p in params.items():
-            self.velocity[name] = self.momentum * self.velocity.get(name, 0.0) - self.lr * grads[name]
-            new[name] = p + self.velocity[name]
+            v = self._slot("velocity", name, p)
+            v *= self.momentum
+            v -= self.lr * grads[name]
+            new[name] = p + v
         return new
 
+    def to_proto(self) -> train_pb2.Optimizer:
+        return train_pb2.Optimizer(sgd=train_pb2.SGD(lr=self.lr, momentum=self.momentum))
 
-class Adam:
+
+class Adam(_Slots):
     """Adam (Kingma & Ba) with bias-corrected moment estimates."""
 
+    SLOTS = ("m", "v")
+
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.m: dict[str, np.ndarray] = {}
-        self.v: dict[str, np.ndarray] = {}
-        self.t = 0
+        super().__init__()
+        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
 
     def step(self, params: Arrays, grads: Arrays) -> dict[str, np.ndarray]:
         b1, b2 = self.betas
-        self.t += 1
+        self.step_count += 1
+        correct1, correct2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
         new = {}
         for name, p in params.items():
             g = grads[name]
-            self.m[name] = b1 * self.m.get(name, 0.0) + (1 - b1) * g
-            self.v[name] = b2 * self.v.get(name, 0.0) + (1 - b2) * g * g
-            m_hat = self.m[name] / (1 - b1 ** self.t)
-            v_hat = self.v[name] / (1 - b2 ** self.t)
-            new[name] = p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+            m, v = self._slot("m", name, p), self._slot("v", name, p)
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            denominator = v / correct2
+            np.sqrt(denominator, out=denominator)
+            denominator += self.eps
+            step = m / correct1
+            step *= self.lr
+            step /= denominator
+            new[name] = p - step
         return new
+
+    def to_proto(self) -> train_pb2.Optimizer:
+        return train_pb2.Optimizer(adam=train_pb2.Adam(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+                                                       eps=self.eps))
+
+
+def from_proto(msg: train_pb2.Optimizer) -> SGD | Adam:
+    """The optimizer a Train request names; unset Adam fields take the defaults."""
+    kind = msg.WhichOneof("kind")
+    if kind == "sgd":
+        return SGD(msg.sgd.lr, msg.sgd.momentum)
+    if kind == "adam":
+        a = msg.adam
+        return Adam(a.lr, (a.beta1 or 0.9, a.beta2 or 0.999), a.eps or 1e-8)
+    raise ValueError("no optimizer given: set sgd or adam")

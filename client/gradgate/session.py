@@ -10,6 +10,7 @@ the same, with no state shared between servers (DESIGN.md, Scale-out).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -18,14 +19,16 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from gradgate.codec import dtype_of, from_tensor_map, to_tensor_map
-from gradgate.errors import GradgateError
+from gradgate.codec import decode, dtype_of, encode, from_tensor_map, to_tensor_map
+from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.gradcheck import GradCheckReport, check_session
 from gradgate.graph import Graph, TensorSpec
 from gradgate.v1 import gradient_service_pb2 as pb
+from gradgate.v1 import train_pb2
 
 if TYPE_CHECKING:
     from gradgate.client import Client
+    from gradgate.optim import Optimizer
 
 Arrays = Mapping[str, Any]
 log = logging.getLogger("gradgate")
@@ -58,7 +61,9 @@ class Session:
         self._closed = False
         self._graph = graph.to_proto()
         self._params = self._cast(params)  # what the server holds: all we need to re-create it
-        self._last_forward: tuple[str, Any] | None = None  # (method, request) whose activations the server caches
+        # the call whose activations the server caches: (method, request, arrays), and its forward id
+        self._last_forward: tuple[str, Any, dict[str, Any]] | None = None
+        self._forward_id = 0
         response = self._create()
         self.parameter_count: int = response.parameter_count
         self.ttl_seconds: float = response.ttl_seconds
@@ -67,41 +72,41 @@ class Session:
             v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.values}
 
     def _create(self) -> Any:
-        request = pb.CreateSessionRequest(graph=self._graph)
-        to_tensor_map(self._params, request.params)
-        response = self.client.call("CreateSession", request)
+        response, _ = self.client.call("CreateSession", pb.CreateSessionRequest(graph=self._graph),
+                                       params=self._params)
         self.id: str = response.session_id
         return response
 
     def _cast(self, arrays: Arrays | None) -> dict[str, np.ndarray]:
         # the server accepts only the declared dtypes; asarray copies only when a cast is needed
-        return {name: np.asarray(a, self._dtypes.get(name)) for name, a in (arrays or {}).items()}
+        dtypes = self._dtypes
+        return {name: np.asarray(a, dtypes.get(name)) for name, a in arrays.items()} if arrays else {}
 
-    def _encode(self, arrays: Arrays | None, out: Any) -> None:
-        to_tensor_map(self._cast(arrays), out)
-
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(self, method: str, request: Any, **arrays: Any) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
         """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
         try:
-            return self.client.call(method, request, self.id)
+            return self.client.call(method, request, self.id, **arrays)
         except GradgateError as e:
             if e.code != grpc.StatusCode.NOT_FOUND or self._closed or not self.client.recover_sessions:
                 raise
         lost = self.id
         self._create()
         if method == "Backward" and self._last_forward is not None:
-            forward_method, forward_request = self._last_forward
+            forward_method, forward_request, forward_arrays = self._last_forward
             forward_request.session_id = self.id
-            self.client.call(forward_method, forward_request, self.id)
+            replayed, _ = self.client.call(forward_method, forward_request, self.id, **forward_arrays)
+            request.forward_id = self._forward_id = replayed.forward_id
         log.warning("session %s... was not found on the server (restarted, expired or another replica); "
                     "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
         request.session_id = self.id
-        return self.client.call(method, request, self.id)
+        return self.client.call(method, request, self.id, **arrays)
 
-    def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any] | None) -> None:
+    def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any, dict[str, Any]] | None,
+              forward_id: int = 0) -> None:
         """After a successful call: the server now holds ``params`` and the activations of ``forward``."""
-        self._params.update(params)
-        self._last_forward = forward
+        if params:
+            self._params.update(params)
+        self._last_forward, self._forward_id = forward, forward_id
 
     def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
                 params: Arrays | None = None) -> ForwardResult:
@@ -110,37 +115,99 @@ class Session:
         ``outputs`` names the nodes to return; None returns the graph's declared outputs.
         """
         request = pb.ForwardRequest(session_id=self.id, outputs=outputs or ())
-        self._encode(batch, request.inputs)
-        to_tensor_map(params := self._cast(params), request.params)
-        response = self._call("Forward", request)
-        self._sent(params, ("Forward", request))
-        return ForwardResult(response.loss, from_tensor_map(response.outputs, "outputs"))
+        arrays = {"inputs": self._cast(batch), "params": self._cast(params)}
+        response, got = self._call("Forward", request, **arrays)
+        self._sent(arrays["params"], ("Forward", request, arrays), response.forward_id)
+        return ForwardResult(response.loss, got["outputs"])
 
     def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
-        """Gradients of the loss of the last forward: every parameter, and the float inputs if ``inputs``."""
-        return _grads(self._call("Backward", pb.BackwardRequest(session_id=self.id, input_grads=inputs)))
+        """Gradients of the loss of the last forward: every parameter, and the float inputs if ``inputs``.
+        Fails with FAILED_PRECONDITION if another forward on this session (say, from another
+        thread) has replaced that forward, rather than return that forward's gradients."""
+        request = pb.BackwardRequest(session_id=self.id, input_grads=inputs, forward_id=self._forward_id)
+        return _grads(self._call("Backward", request)[1])
 
     def forward_backward(self, batch: Arrays, params: Arrays | None = None,
                          outputs: Sequence[str] | None = None, inputs: bool = False) -> StepResult:
         """forward then backward in one round trip; ``loss, grads = sess.forward_backward(batch)``."""
         request = pb.ForwardBackwardRequest(session_id=self.id, outputs=outputs or (), input_grads=inputs)
-        self._encode(batch, request.inputs)
-        to_tensor_map(params := self._cast(params), request.params)
-        response = self._call("ForwardBackward", request)
-        self._sent(params, ("ForwardBackward", request))
-        return StepResult(response.loss, _grads(response), from_tensor_map(response.outputs, "outputs"))
+        arrays = {"inputs": self._cast(batch), "params": self._cast(params)}
+        response, got = self._call("ForwardBackward", request, **arrays)
+        self._sent(arrays["params"], ("ForwardBackward", request, arrays), response.forward_id)
+        return StepResult(response.loss, _grads(got), got["outputs"])
 
     def set_params(self, params: Arrays) -> None:
         """Replace any subset of the parameters."""
-        request = pb.SetParametersRequest(session_id=self.id)
-        to_tensor_map(params := self._cast(params), request.params)
-        self._call("SetParameters", request)
+        params = self._cast(params)
+        self._call("SetParameters", pb.SetParametersRequest(session_id=self.id), params=params)
         self._sent(params, None)  # the server dropped its cached forward too
+
+    def upload(self, data: Arrays, chunk_bytes: int = 4 * 2**20) -> int:
+        """Store ``data`` ({input name: rows}) in the session for training on the server, in
+        chunks of about ``chunk_bytes`` (a client stream); replaces an earlier upload.
+        Returns the bytes it counts against the server's data budget."""
+        columns = self._cast(data)
+        rows = len(next(iter(columns.values())))
+        row_bytes = max(1, sum(a[:1].nbytes for a in columns.values()))
+        step = max(1, min(chunk_bytes, self.client.max_message_bytes // 2) // row_bytes)
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, rows, step):
+                request = train_pb2.UploadDataRequest(session_id=self.id, rows=rows) if start == 0 else \
+                    train_pb2.UploadDataRequest()
+                yield encode(request, columns={k: a[start:start + step] for k, a in columns.items()})
+
+        call, metadata = self.client.stream("UploadData", self.id)
+        timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
+        try:
+            reply = call(chunks(), timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return int(decode(reply, train_pb2.UploadDataResponse)[0].bytes)
+
+    def train_stream(self, optimizer: Optimizer, batch_size: int, epochs: int, seed: int, start_step: int = 0,
+                     sync_every: int = 0) -> Iterator[train_pb2.TrainResponse]:
+        """The server's Train stream over the uploaded data (gg.train(on_server=True) drives it)."""
+        start = train_pb2.TrainStart(session_id=self.id, optimizer=optimizer.to_proto(), batch_size=batch_size,
+                                     epochs=epochs, seed=seed, start_step=start_step, sync_every=sync_every)
+        if optimizer.step_count or start_step:
+            start.optimizer_state.step = optimizer.step_count
+            to_tensor_map(optimizer.state(), start.optimizer_state.slots)
+        call, metadata = self.client.stream("Train", self.id)
+        try:
+            for data in call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata):
+                yield train_pb2.TrainResponse.FromString(data)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _synced(self, sync: train_pb2.TrainSync, optimizer: Optimizer) -> dict[str, np.ndarray]:
+        """Take a Train sync: the server's parameters and the optimizer's state as of it."""
+        params = from_tensor_map(sync.params, "params")
+        optimizer.load_state(sync.optimizer_state.step, from_tensor_map(sync.optimizer_state.slots, "slots"))
+        self._params.update(params)
+        self._last_forward, self._forward_id = None, 0
+        return params
+
+    def _restore(self, params: dict[str, np.ndarray], deadline: float) -> bool:
+        """Put ``params`` back after a broken Train stream, waiting up to ``deadline`` for the
+        server: into the session if it survived (True: its data too), else into a new one."""
+        self._params.update(params)
+        while True:
+            try:
+                self.client.call("SetParameters", pb.SetParametersRequest(session_id=self.id), self.id,
+                                 wait_for_ready=True, params=params)
+                return True
+            except GradgateError as e:
+                if e.code == grpc.StatusCode.NOT_FOUND:
+                    self._create()
+                    return False
+                if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get_params(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named parameters, or all of them."""
-        response = self._call("GetParameters", pb.GetParametersRequest(session_id=self.id, names=names or ()))
-        return from_tensor_map(response.params, "params")
+        return self._call("GetParameters", pb.GetParametersRequest(session_id=self.id, names=names or ()))[1]["params"]
 
     def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None,
                        **settings: Any) -> GradCheckReport:
@@ -171,7 +238,6 @@ class Session:
         self.close()
 
 
-def _grads(response: Any) -> dict[str, np.ndarray]:
+def _grads(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     # input_grads is empty unless they were asked for
-    return {**from_tensor_map(response.param_grads, "param_grads"),
-            **from_tensor_map(response.input_grads, "input_grads")}
+    return {**arrays["param_grads"], **arrays["input_grads"]}

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import importlib.metadata
 import logging
+import os
 import signal
 import threading
 import time
@@ -12,19 +13,19 @@ from concurrent import futures
 
 import grpc
 import prometheus_client
+import threadpoolctl
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import gradgate
-from gradgate.memory import tune_malloc
+from gradgate.memory import release_memory, tune_malloc
 from gradgate.v1 import gradient_service_pb2
-from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .config import Config
-from .errors import ErrorInterceptor
 from .health import HealthServicer
 from .logs import configure_logging
-from .metrics import Metrics, ObserveInterceptor
+from .metrics import Metrics
+from .rpc import Observed, gradient_service_handlers
 from .service import GradientService
 from .sessions import SessionStore
 
@@ -45,7 +46,8 @@ class Server:
     ``metrics_address`` host:port of /metrics (None when off)."""
 
     def __init__(self, server: grpc.Server, address: str, store: SessionStore, config: Config,
-                 health_servicer: HealthServicer, metrics: Metrics, metrics_address: str | None = None):
+                 health_servicer: HealthServicer, metrics: Metrics, metrics_address: str | None = None,
+                 health_pool: futures.ThreadPoolExecutor | None = None):
         self._server = server
         self.address = address
         self.store = store
@@ -53,6 +55,7 @@ class Server:
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_address = metrics_address
+        self._health_pool = health_pool
         self._stopped = threading.Event()
         # Expire idle sessions even when no call arrives, so memory and metrics stay true.
         threading.Thread(target=self._sweep, name="gradgate-sweeper", daemon=True).start()
@@ -68,13 +71,21 @@ class Server:
         self._server.stop(grace).wait()
         self._stopped.set()
         self.metrics.stop_http()
+        if self._health_pool is not None:
+            self._health_pool.shutdown(wait=False)
 
     def wait(self) -> None:
         self._server.wait_for_termination()
 
     def _sweep(self) -> None:
+        peak = 0
         while not self._stopped.wait(min(1.0, max(0.05, self.config.session_ttl_seconds))):
             self.store.sweep()
+            held = self.store.state_bytes + self.store.cache_bytes
+            peak = max(peak, held)
+            if held < peak - 16 * 2**20:  # sessions gave memory back: hand it to the OS
+                release_memory()
+                peak = held
 
     def __enter__(self) -> Server:
         return self
@@ -87,24 +98,30 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     """Start a server on ``address`` (port 0 picks a free one) and return it running."""
     config = config or Config()
     tune_malloc()  # megabyte messages: reuse heap buffers instead of page-faulting fresh mmaps
+    if config.blas_threads:
+        limit_blas(config.blas_threads, config.max_workers)
     metrics = Metrics(version(), config.cache_bytes)
     store = SessionStore(config.session_ttl_seconds, config.max_sessions, config.cache_bytes,
-                         on_event=metrics.session_event)
+                         config.state_bytes, config.session_bytes, on_event=metrics.session_event)
     metrics.watch_store(store)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    # Outermost first: observe sees the status that the error mapping produced.
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
-                         interceptors=[ObserveInterceptor(metrics), ErrorInterceptor()],
                          options=options)
-    pb_grpc.add_GradientServiceServicer_to_server(GradientService(store, config, metrics), server)
+    handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
+                                         config.max_message_bytes, config.max_tensor_elements)
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # Health answers from threads of its own, so it never waits behind compute.
+    health_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="gradgate-health")
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, Observed(server, metrics, health_pool))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
-        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            Observed(server, metrics))
     host = address.rsplit(":", 1)[0]
     port = server.add_insecure_port(address)
     if port == 0:
@@ -113,7 +130,16 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     if config.metrics_port >= 0:
         metrics_address = f"{host}:{metrics.serve_http(host, config.metrics_port)}"
     server.start()
-    return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address)
+    return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address, health_pool)
+
+
+def limit_blas(threads: int, max_workers: int) -> int:
+    """Size BLAS's thread pool for a server that runs up to ``max_workers`` calls at once:
+    ``threads``, or with -1 cores // max_workers (at least 1). Returns the size set."""
+    if threads < 0:
+        threads = max(1, (os.cpu_count() or 1) // max_workers)
+    threadpoolctl.threadpool_limits(threads, user_api="blas")
+    return threads
 
 
 def parse_args(argv: list[str] | None) -> tuple[str, Config]:

@@ -14,6 +14,10 @@ class Config:
     session_ttl_seconds: float = 600.0  # idle sessions are forgotten after this
     max_sessions: int = 1024
     cache_bytes: int = 2048 * MiB  # budget for all sessions' cached activations
+    state_bytes: int = field(default=4096 * MiB, metadata={
+        "help": "budget for all sessions' parameters, buffers, uploaded datasets and training optimizer state"})
+    session_bytes: int = field(default=1024 * MiB, metadata={
+        "help": "the same, per session"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = 64 * MiB  # per tensor on the wire
     grace_seconds: float = field(default=10.0, metadata={
@@ -23,4 +27,10 @@ class Config:
     # Off for embedded servers (tests, the SDK) so they open no extra port; on in the CLI.
     metrics_port: int = field(default=-1, metadata={"cli_default": 9464, "help": "Prometheus /metrics port "
                                                     "on the same host as gRPC; 0 = any free port, -1 = off"})
+    op_timing_every: int = field(default=16, metadata={
+        "help": "time the ops of one call in this many for gradgate_op_compute_seconds (1 = every call, 0 = off)"})
+    # 0 = leave BLAS alone (embedded servers share the caller's process); the CLI sizes it.
+    blas_threads: int = field(default=0, metadata={"cli_default": -1, "help": "BLAS threads per call; -1 = "
+                                                   "cores // max-workers (at least 1), so concurrent calls do not "
+                                                   "oversubscribe the cores; 0 = leave as is"})
     reflection: bool = field(default=False, metadata={"help": "serve gRPC server reflection (for grpcurl)"})

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -44,60 +42,19 @@ def to_status(error: GradgateError | CodecError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-class Unparsable:
-    """A request body that is not a valid message of the method's request type.
-
-    grpc would answer a failed parse with INTERNAL; it is the client's mistake, so the
-    deserializer hands this on and the ErrorInterceptor answers INVALID_ARGUMENT."""
-
-    session_id = ""  # read by the per-RPC log line
-
-    def __init__(self, data: bytes, error: Exception):
-        self.data, self.error = data, error
-
-    def ByteSize(self) -> int:
-        return len(self.data)
-
-
-def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception as e:  # protobuf's DecodeError, or anything a parser may raise
-            return Unparsable(data, e)
-    return parse
+def status_of(error: BaseException, method: str) -> grpc.Status:
+    """The status a call that raised ``error`` answers with. A server bug is logged here,
+    with its traceback, under an incident id the client sees instead."""
+    if isinstance(error, (GradgateError, CodecError)):
+        return to_status(error)
+    if isinstance(error, MemoryError):
+        log.warning("out of memory in %s", method)
+        return _plain(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "the server ran out of memory for this request; send smaller batches")
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s in %s", incident, method, exc_info=error)
+    return _plain(grpc.StatusCode.INTERNAL, f"internal server error {incident}; the server log has the details")
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns exceptions raised by unary handlers into statuses."""
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, Unparsable):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request body ({len(request.data)} bytes) is not a valid request message "
-                              f"for {details.method}: {request.error}")
-            try:
-                return inner(request, context)
-            except (GradgateError, CodecError) as e:
-                context.abort_with_status(to_status(e))
-            except MemoryError:
-                log.warning("out of memory in %s", details.method)
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this "
-                                                                  "request; send smaller batches")
-            except Exception:
-                incident = uuid.uuid4().hex[:12]
-                log.exception("internal error %s in %s", incident, details.method)
-                context.abort(grpc.StatusCode.INTERNAL, f"internal server error {incident}; "
-                                                        "the server log has the details")
-
-        return grpc.unary_unary_rpc_method_handler(behavior, lenient(handler.request_deserializer),
-                                                   handler.response_serializer)
+def _plain(code: grpc.StatusCode, message: str) -> grpc.Status:
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message))

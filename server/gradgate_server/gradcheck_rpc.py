@@ -6,9 +6,10 @@ writes them, nor the session's cached forward.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from gradgate.codec import from_tensor_map
+import numpy as np
+
 from gradgate.v1 import gradcheck_pb2
 from gradgate.v1 import gradient_service_pb2 as pb
 
@@ -63,12 +64,12 @@ def result_to_proto(report: CheckReport) -> gradcheck_pb2.GradCheckResult:
     return result
 
 
-def run_gradient_check(request: pb.GradientCheckRequest, store: SessionStore, config: Config,
-                       deadline: float | None = None,
+def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, dict[str, np.ndarray]],
+                       store: SessionStore, config: Config, deadline: float | None = None,
                        on_step: Callable[[str, float], None] | None = None) -> gradcheck_pb2.GradCheckResult:
+    """``arrays``: the request's decoded tensor maps (params, inputs)."""
     settings = settings_from_proto(request.settings)
-    inputs = from_tensor_map(request.inputs, "inputs", config.max_tensor_elements)
-    given = from_tensor_map(request.params, "params", config.max_tensor_elements)
+    inputs, given = arrays["inputs"], arrays["params"]
     subject = request.WhichOneof("subject")
     if subject == "graph":
         plan = compile_graph(request.graph, max_nodes=config.max_nodes)

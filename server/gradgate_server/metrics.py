@@ -1,6 +1,6 @@
-"""Observability in one place: every Prometheus metric, the per-RPC interceptor
-that records the standard grpc_server_* metrics and logs one line per RPC, and the
-metrics HTTP endpoint. docs/operations.md lists every metric.
+"""Observability in one place: every Prometheus metric, the per-RPC record that
+keeps the standard grpc_server_* metrics and logs one line per RPC (rpc.py puts it
+around every handler), and the metrics HTTP endpoint. docs/operations.md lists every metric.
 
 Each server owns a ``Metrics`` with its own CollectorRegistry, so many servers in
 one process (tests, the SDK's embedded server) never collide.
@@ -13,7 +13,8 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -138,15 +139,17 @@ class Metrics:
         """Call once per gradient check run (the GradientCheck RPC)."""
         self.gradient_checks.labels("pass" if passed else "fail").inc()
 
-    def check_finite(self, kind: str, values: Any) -> None:
-        """Count NaN/Inf in ``values`` (a float or an array); ``kind`` is loss | gradient."""
-        a = np.asarray(values).reshape(-1)
-        # a.a is one fast BLAS pass and is NaN/Inf if any element is (or if it overflows:
-        # then the exact count below finds nothing)
-        if a.dtype.kind == "f" and not math.isfinite(float(np.dot(a, a))):
-            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
-            if bad:
-                self.nonfinite.labels(kind).inc(bad)
+    def check_finite(self, kind: str, values: Iterable[Any]) -> None:
+        """Count NaN/Inf among ``values`` (floats or arrays); ``kind`` is loss | gradient."""
+        bad = 0
+        for v in values:
+            if isinstance(v, float):
+                bad += not math.isfinite(v)
+            elif v.dtype.kind == "f" and v.size and not math.isfinite(float(np.add.reduce(v, None))):
+                # one pass; a sum is NaN/Inf if any element is (or if it overflows: then the count finds 0)
+                bad += v.size - int(np.count_nonzero(np.isfinite(v)))
+        if bad:
+            self.nonfinite.labels(kind).inc(bad)
 
     # -- the metrics endpoint ------------------------------------------------------
 
@@ -178,6 +181,14 @@ class Metrics:
             m = self._methods[full_method] = _MethodMetrics(self, full_method, grpc_type)
         return m
 
+    def observed(self, full_method: str, handler: grpc.RpcMethodHandler,
+                 pool: ThreadPoolExecutor | None = None) -> grpc.RpcMethodHandler:
+        """``handler`` of a stock servicer with the per-RPC metrics and log line around it;
+        run in ``pool`` when given."""
+        kind = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
+                (True, True): "bidi_stream"}[handler.request_streaming, handler.response_streaming]
+        return _observed(self.method(full_method, kind), handler, pool)
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # no access log line per scrape
@@ -208,178 +219,172 @@ class _MethodMetrics:
         inc()
 
 
-class _Call:
-    """One RPC in progress: counts its messages and records its end exactly once."""
+class RpcRecord:
+    """One RPC in progress: counts its messages and records its end exactly once.
+    Sizes are those of the bytes on the wire, taken where they are at hand."""
 
-    def __init__(self, method: _MethodMetrics, context: grpc.ServicerContext):
+    __slots__ = ("method", "context", "start", "received_bytes", "sent_bytes", "session", "_once")
+
+    def __init__(self, method: _MethodMetrics, context: grpc.ServicerContext, request_bytes: int | None):
         self.method, self.context = method, context
         self.start = time.perf_counter()
         self.received_bytes = self.sent_bytes = 0
         self.session = ""
         self._once = [True]  # list.pop is atomic: end() may race with a stream's close callback
         method.started()
+        if request_bytes is not None:
+            self.received(request_bytes)
 
-    def on_request(self, request: Any) -> None:
-        size = request.ByteSize()
+    def received(self, size: int) -> None:
         self.received_bytes += size
         self.method.received()
         self.method.request_bytes(size)
-        self.session = self.session or getattr(request, "session_id", "")
 
-    def on_response(self, response: Any) -> None:
-        size = response.ByteSize()
+    def sent(self, size: int) -> None:
         self.sent_bytes += size
         self.method.sent()
         self.method.response_bytes(size)
-        self.session = self.session or getattr(response, "session_id", "")
 
-    def end(self, code: grpc.StatusCode | None = None, raised: bool = False) -> None:
+    def end(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
+        """Record the call's status: ``code``, or without one OK unless the client went away
+        first (then what it saw: DEADLINE_EXCEEDED or CANCELLED)."""
         try:
             self._once.pop()
         except IndexError:
             return
         seconds = time.perf_counter() - self.start
         if code is None:
-            code = self.context.code() or (grpc.StatusCode.UNKNOWN if raised else grpc.StatusCode.OK)
-            if not self.context.is_active():  # the client went away first: that is the status it saw
+            code = grpc.StatusCode.OK
+            if not self.context.is_active():
                 remaining = self.context.time_remaining()  # None (documented) or huge without a deadline
                 code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                         else grpc.StatusCode.CANCELLED)
         self.method.handled(code)
         self.method.seconds(seconds)
         if log.isEnabledFor(logging.INFO):
-            self._log(code, seconds)
+            self._log(code, seconds, details)
 
-    def _log(self, code: grpc.StatusCode, seconds: float) -> None:
+    def _log(self, code: grpc.StatusCode, seconds: float, details: str) -> None:
         fields: dict[str, Any] = {"method": self.method.full_method, "code": code.name,
                                   "duration_ms": round(seconds * 1e3, 3),
                                   "request_bytes": self.received_bytes, "response_bytes": self.sent_bytes}
         if self.session:
             fields["session"] = self.session[:8]  # enough to correlate, useless as a credential
-        if code is not grpc.StatusCode.OK:
-            details = self.context.details()
-            if details:  # our messages name nodes, fields and shapes, never tensor values
-                fields["error"] = (details.decode(errors="replace") if isinstance(details, bytes)
-                                   else str(details))[:300]
+        if details:  # our messages name nodes, fields and shapes, never tensor values
+            fields["error"] = details[:300]
         log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
 
-class ObserveInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: grpc_server_* metrics, payload bytes and one log line
-    for every RPC of every service (health and reflection included), errors
-    included. It sees the status the inner ErrorInterceptor set with abort().
-    Unknown methods never reach a handler, so they are not counted (bounded labels)."""
+# -- stock servicers (health, reflection): their handlers wrapped once -------------------
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+def _observed(method: _MethodMetrics, handler: grpc.RpcMethodHandler,
+              pool: ThreadPoolExecutor | None) -> grpc.RpcMethodHandler:
+    kind = ("stream_stream" if handler.response_streaming else "stream_unary") if handler.request_streaming \
+        else ("unary_stream" if handler.response_streaming else "unary_unary")
+    inner = getattr(handler, kind)
+    if kind == "unary_unary":
+        behavior = _unary_unary(method, inner)
+    elif kind == "unary_stream":
+        behavior = (_unary_stream_non_blocking(method, inner) if getattr(inner, "experimental_non_blocking", False)
+                    else _unary_stream(method, inner))
+    elif kind == "stream_unary":
+        behavior = _stream_unary(method, inner)
+    else:
+        behavior = _stream_stream(method, inner)
+    if pool is not None:
+        behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return handler._replace(**{kind: behavior})
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        kind = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
-                (True, True): "bidi_stream"}[handler.request_streaming, handler.response_streaming]
-        method = self.metrics.method(details.method, kind)
-        if kind == "unary":
-            return handler._replace(unary_unary=_unary_unary(method, handler.unary_unary))
-        if kind == "server_stream":
-            return handler._replace(unary_stream=_unary_stream(method, handler.unary_stream))
-        if kind == "client_stream":
-            return handler._replace(stream_unary=_stream_unary(method, handler.stream_unary))
-        return handler._replace(stream_stream=_stream_stream(method, handler.stream_stream))
+
+def _end(record: RpcRecord, raised: bool) -> None:
+    code = record.context.code()
+    record.end(grpc.StatusCode.UNKNOWN if raised and code is None else code)
 
 
 def _unary_unary(method: _MethodMetrics, inner: Callable) -> Callable:
     def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-        call = _Call(method, context)
-        call.on_request(request)
+        record = RpcRecord(method, context, request.ByteSize())
         raised = True
         try:
             response = inner(request, context)
             if response is not None and context.code() in (None, grpc.StatusCode.OK):
-                call.on_response(response)
+                record.sent(response.ByteSize())
             raised = False
             return response
         finally:
-            call.end(raised=raised)
+            _end(record, raised)
     return behavior
 
 
-def _counted_requests(call: _Call, requests: Iterator) -> Iterator:
+def _counted_requests(record: RpcRecord, requests: Iterator) -> Iterator:
     for request in requests:
-        call.on_request(request)
+        record.received(request.ByteSize())
         yield request
 
 
-def _counted_responses(call: _Call, responses: Iterator) -> Iterator:
+def _counted_responses(record: RpcRecord, responses: Iterator) -> Iterator:
     raised = True
     try:
         for response in responses:
-            call.on_response(response)
+            record.sent(response.ByteSize())
             yield response
         raised = False
     finally:  # also on GeneratorExit when grpc drops a cancelled stream
-        call.end(raised=raised)
+        _end(record, raised)
 
 
 def _unary_stream(method: _MethodMetrics, inner: Callable) -> Callable:
-    if getattr(inner, "experimental_non_blocking", False):
-        return _unary_stream_non_blocking(method, inner)
-
     def behavior(request: Any, context: grpc.ServicerContext) -> Iterator:
-        call = _Call(method, context)
-        call.on_request(request)
+        record = RpcRecord(method, context, request.ByteSize())
         try:
             responses = inner(request, context)
         except BaseException:
-            call.end(raised=True)
+            _end(record, True)
             raise
-        return _counted_responses(call, responses)
+        return _counted_responses(record, responses)
     return behavior
 
 
 def _unary_stream_non_blocking(method: _MethodMetrics, inner: Callable) -> Callable:
     """Health Watch holds no thread while it waits; keep it that way."""
     def behavior(request: Any, context: grpc.ServicerContext, send: Callable[[Any], None]) -> Any:
-        call = _Call(method, context)
-        call.on_request(request)
+        record = RpcRecord(method, context, request.ByteSize())
 
         def counted_send(response: Any) -> None:
             if response is None:  # the handler finished the stream
-                call.end(grpc.StatusCode.OK)
+                record.end(grpc.StatusCode.OK)
             else:
-                call.on_response(response)
+                record.sent(response.ByteSize())
             send(response)
 
-        context.add_callback(lambda: call.end(grpc.StatusCode.CANCELLED))  # no-op if it already ended
+        context.add_callback(lambda: record.end(grpc.StatusCode.CANCELLED))  # no-op if it already ended
         return inner(request, context, counted_send)
     behavior.experimental_non_blocking = True  # type: ignore[attr-defined]
-    behavior.experimental_thread_pool = getattr(inner, "experimental_thread_pool", None)  # type: ignore[attr-defined]
     return behavior
 
 
 def _stream_unary(method: _MethodMetrics, inner: Callable) -> Callable:
     def behavior(requests: Iterator, context: grpc.ServicerContext) -> Any:
-        call = _Call(method, context)
+        record = RpcRecord(method, context, None)
         raised = True
         try:
-            response = inner(_counted_requests(call, requests), context)
+            response = inner(_counted_requests(record, requests), context)
             if response is not None and context.code() in (None, grpc.StatusCode.OK):
-                call.on_response(response)
+                record.sent(response.ByteSize())
             raised = False
             return response
         finally:
-            call.end(raised=raised)
+            _end(record, raised)
     return behavior
 
 
 def _stream_stream(method: _MethodMetrics, inner: Callable) -> Callable:
     def behavior(requests: Iterator, context: grpc.ServicerContext) -> Iterator:
-        call = _Call(method, context)
+        record = RpcRecord(method, context, None)
         try:
-            responses = inner(_counted_requests(call, requests), context)
+            responses = inner(_counted_requests(record, requests), context)
         except BaseException:
-            call.end(raised=True)
+            _end(record, True)
             raise
-        return _counted_responses(call, responses)
+        return _counted_responses(record, responses)
     return behavior

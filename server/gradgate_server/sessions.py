@@ -1,21 +1,46 @@
-"""SessionStore: per-session graph, parameters and the last forward's cache.
+"""SessionStore: per-session graph, parameters, uploaded data and the last forward's cache.
 
 Ids are 128 random bits. Calls on one session are serialized by its lock;
-different sessions run concurrently. Idle sessions expire after a TTL; cached
-activations share one byte budget and the least recently used are evicted.
+different sessions run concurrently. Idle sessions expire after a TTL.
+
+Memory has two budgets. State (parameters, buffers, an uploaded dataset, a running
+optimizer's state) is what a session cannot lose: it is counted per session and for
+the server, and a call that would go over either budget fails before it changes
+anything. Cached activations share a third budget and the least recently used are
+evicted to make room (their sessions stay; Backward then asks for a new Forward).
 """
 from __future__ import annotations
 
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .engine import FailedPrecondition, NotFound, Plan, ResourceExhausted, Tape
+from .engine import FailedPrecondition, InvalidArgument, NotFound, Plan, ResourceExhausted, Tape
+
+KEEP: Any = object()  # commit(): leave this part of the session as it is
+
+
+def owned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` such that none keeps a larger buffer alive: a zero-copy view into a
+    request that also carried a big batch is copied out, so a session holds what it counts."""
+    out = {}
+    for name, a in arrays.items():
+        base = a
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        held = len(base) if isinstance(base, (bytes, memoryview)) else getattr(base, "nbytes", 0)
+        out[name] = a.copy() if held > 2 * a.nbytes + 4096 else a
+    return out
+
+
+def nbytes(*groups: Iterable[np.ndarray] | None) -> int:
+    return sum(a.nbytes for group in groups if group for a in group)
 
 
 @dataclass(eq=False)
@@ -24,22 +49,42 @@ class Session:
     plan: Plan
     params: dict[str, np.ndarray]
     last_used: float
+    owner: str = ""
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    data: dict[str, np.ndarray] = field(default_factory=dict)  # an uploaded dataset (UploadData)
+    extra_bytes: int = 0  # e.g. a running Train call's optimizer state
+    state_bytes: int = 0  # params + buffers + data + extra
     tape: Tape | None = None
     tape_bytes: int = 0
+    forward_id: int = 0  # of the cached forward; 0 = none
+    forwards: int = 0  # forwards committed so far (the next one's id is forwards + 1)
     evicted: bool = False  # the tape was dropped to fit the cache budget
+    tape_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> Tape.nbytes (shapes are static)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def require_tape(self) -> Tape:
+    def require_tape(self, forward_id: int = 0) -> Tape:
+        """The cached forward, which must be ``forward_id`` when that is given."""
         if self.tape is None:
             why = ("its cached activations were evicted to fit the server's cache budget"
                    if self.evicted else "it has no cached forward since creation or the last parameter change")
             raise FailedPrecondition(f"cannot run backward on session {self.id[:8]}: {why}; call Forward first",
                                      "session_id")
+        if forward_id and forward_id != self.forward_id:
+            raise FailedPrecondition(f"forward {forward_id} of session {self.id[:8]} is no longer cached: forward "
+                                     f"{self.forward_id} replaced it (another call on this session ran in between); "
+                                     "run Forward and Backward again", "forward_id")
         return self.tape
+
+    def tape_size(self, tape: Tape) -> int:
+        size = self.tape_sizes.get(tape.batch_size)
+        if size is None:
+            size = self.tape_sizes[tape.batch_size] = tape.nbytes
+        return size
 
 
 class SessionStore:
     def __init__(self, ttl_seconds: float, max_sessions: int, cache_bytes: int,
+                 state_bytes: int = 2**62, session_bytes: int = 2**62,
                  clock: Callable[[], float] = time.monotonic,
                  on_event: Callable[[str], None] = lambda event: None):
         """``on_event`` hears created | closed | expired | evicted (activations only)."""
@@ -47,72 +92,132 @@ class SessionStore:
         self.on_event = on_event
         self.max_sessions = max_sessions
         self.cache_budget = cache_bytes
+        self.state_budget = state_bytes
+        self.session_budget = session_bytes
         self.clock = clock
         self.cache_bytes = 0
+        self.state_bytes = 0
         self._next_sweep = 0.0
         self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()  # guards the dict and the byte count
+        self._lock = threading.Lock()  # guards the dict and the byte counts
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, plan: Plan, params: dict[str, np.ndarray]) -> Session:
+    def create(self, plan: Plan, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None = None,
+               owner: str = "") -> Session:
+        session = Session(secrets.token_hex(16), plan, owned(params), self.clock(), owner, owned(buffers or {}))
+        size = nbytes(session.params.values(), session.buffers.values())
         with self._lock:
             self._expire_idle()
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"server holds {len(self._sessions)} sessions, the limit; "
                                         "close sessions you no longer need", "session_id")
-            session = Session(secrets.token_hex(16), plan, params, self.clock())
+            self._check_state(size, 0, "params")
+            session.state_bytes = size
+            self.state_bytes += size
             self._sessions[session.id] = session
         self.on_event("created")
         return session
 
     @contextmanager
-    def use(self, session_id: str) -> Iterator[Session]:
-        """The session, locked for the duration of one call."""
-        with self._lock:
-            self._expire_idle()
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise NotFound(f"session {session_id[:8]!r}... not found: unknown, closed, or idle for more than "
-                           f"{self.ttl:g}s; create a new session", "session_id")
+    def use(self, session_id: str, owner: str = "") -> Iterator[Session]:
+        """The session, locked for the duration of one call. Another owner's session is
+        NOT_FOUND, exactly like one that does not exist."""
+        session = self._find(session_id, owner)
         with session.lock:
             try:
                 yield session
             finally:
                 session.last_used = self.clock()
 
-    def close(self, session_id: str) -> None:
+    def close(self, session_id: str, owner: str = "") -> None:
+        session = self._find(session_id, owner)
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-            if session is None:
+            if self._sessions.pop(session.id, None) is None:
                 raise NotFound(f"session {session_id[:8]!r}... not found (already closed or expired)", "session_id")
-            self._drop_tape(session)
+            self._forget(session)
         self.on_event("closed")
 
-    def cache(self, session: Session, tape: Tape | None) -> None:
-        """Keep ``tape`` as the session's cache, evicting others' to stay in budget."""
-        size = tape.nbytes if tape is not None else 0
+    def _find(self, session_id: str, owner: str) -> Session:
+        if not session_id:
+            raise InvalidArgument("session_id is empty; pass the id CreateSession returned", "session_id")
+        with self._lock:
+            self._expire_idle()
+            session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise NotFound(f"session {session_id[:8]!r}... not found: unknown, closed, or idle for more than "
+                           f"{self.ttl:g}s; create a new session", "session_id")
+        return session
+
+    def commit(self, session: Session, *, params: dict[str, np.ndarray] | None = None,
+               buffers: dict[str, np.ndarray] | None = None, data: dict[str, np.ndarray] = KEEP,
+               extra_bytes: int = KEEP, tape: Tape | None = KEEP) -> None:
+        """Apply a successful call's changes to ``session`` (whose lock the caller holds), all
+        or nothing: the state budgets and the cache budget are checked before anything changes.
+        ``params`` and ``buffers`` update the named entries; ``tape`` replaces the cached
+        forward (None drops it), and gets the next forward id."""
+        new_params = {**session.params, **owned(params)} if params else session.params
+        new_buffers = {**session.buffers, **owned(buffers)} if buffers else session.buffers
+        new_data = session.data if data is KEEP else data
+        new_extra = session.extra_bytes if extra_bytes is KEEP else extra_bytes
+        state = nbytes(new_params.values(), new_buffers.values(), new_data.values()) + new_extra
+        size = session.tape_size(tape) if tape is not KEEP and tape is not None else 0
         if size > self.cache_budget:
             raise ResourceExhausted(f"this forward's activations take {size} bytes, more than the server's "
                                     f"whole cache budget of {self.cache_budget}; use smaller batches", "inputs")
         with self._lock:
-            self._drop_tape(session)
-            if session.id not in self._sessions:  # closed while running
+            self._check_state(state, session.state_bytes, "data" if data is not KEEP else "params")
+            if session.id not in self._sessions:  # closed or expired while running: nothing to keep
                 return
-            for other in sorted(self._sessions.values(), key=lambda s: s.last_used):
-                if self.cache_bytes + size <= self.cache_budget:
-                    break
-                if other.tape is not None and other is not session:
-                    self._drop_tape(other)
-                    other.evicted = True
-                    self.on_event("evicted")
-            session.tape, session.tape_bytes, session.evicted = tape, size, False
-            self.cache_bytes += size
+            self.state_bytes += state - session.state_bytes
+            session.state_bytes = state
+            session.params, session.buffers, session.data, session.extra_bytes = (
+                new_params, new_buffers, new_data, new_extra)
+            if tape is not KEEP:
+                self._drop_tape(session)
+                if tape is not None:
+                    self._make_room(size, session)
+                    session.forwards += 1
+                    session.tape, session.tape_bytes, session.forward_id = tape, size, session.forwards
+                    session.evicted = False
+                    self.cache_bytes += size
+
+    def check_room(self, session: Session, data_bytes: int) -> None:
+        """Raise ResourceExhausted unless a dataset of ``data_bytes`` would fit in place of
+        the session's current one (checked before an upload allocates it)."""
+        with self._lock:
+            size = session.state_bytes - nbytes(session.data.values()) + data_bytes
+            self._check_state(size, session.state_bytes, "rows")
+
+    def _check_state(self, size: int, current: int, field: str) -> None:
+        if size > self.session_budget:
+            raise ResourceExhausted(f"the session would hold {size} bytes of parameters, buffers and data, more "
+                                    f"than the per-session budget of {self.session_budget}", field)
+        if self.state_bytes - current + size > self.state_budget:
+            raise ResourceExhausted(f"the server's sessions would hold {self.state_bytes - current + size} bytes of "
+                                    f"parameters, buffers and data, more than its budget of {self.state_budget}; "
+                                    "close sessions you no longer need or try another replica", field)
+
+    def _make_room(self, size: int, session: Session) -> None:
+        if self.cache_bytes + size <= self.cache_budget:
+            return
+        for other in sorted(self._sessions.values(), key=lambda s: s.last_used):
+            if self.cache_bytes + size <= self.cache_budget:
+                break
+            if other.tape is not None and other is not session:
+                self._drop_tape(other)
+                other.evicted = True
+                self.on_event("evicted")
 
     def _drop_tape(self, session: Session) -> None:
         self.cache_bytes -= session.tape_bytes
-        session.tape, session.tape_bytes = None, 0
+        session.tape, session.tape_bytes, session.forward_id = None, 0, 0
+
+    def _forget(self, session: Session) -> None:
+        self._drop_tape(session)
+        self.state_bytes -= session.state_bytes
+        session.state_bytes = 0
 
     def sweep(self) -> None:
         """Expire idle sessions now (the server calls this periodically, so an idle
@@ -127,5 +232,5 @@ class SessionStore:
         self._next_sweep = now + min(1.0, self.ttl)
         for sid in [sid for sid, s in self._sessions.items()
                     if now - s.last_used > self.ttl and not s.lock.locked()]:
-            self._drop_tape(self._sessions.pop(sid))
+            self._forget(self._sessions.pop(sid))
             self.on_event("expired")

@@ -171,7 +171,7 @@ class ForwardBackwardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., outputs: _Optional[_Iterable[str]] = ..., params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[bool] = ..., mode: _Optional[_Union[_graph_pb2.Mode, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
-    __slots__ = ("loss", "outputs", "param_grads", "input_grads", "buffers")
+    __slots__ = ("loss", "outputs", "param_grads", "input_grads", "buffers", "forward_id")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -205,12 +205,14 @@ class ForwardBackwardResponse(_message.Message):
     PARAM_GRADS_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     loss: float
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     param_grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
     input_grads: _containers.MessageMap[str, _tensor_pb2.Tensor]
     buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., param_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    forward_id: int
+    def __init__(self, loss: _Optional[float] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., param_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., input_grads: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., forward_id: _Optional[int] = ...) -> None: ...
 
 class SetParametersRequest(_message.Message):
     __slots__ = ("session_id", "params", "buffers")

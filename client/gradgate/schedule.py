@@ -1,0 +1,35 @@
+"""The order in which training visits the examples, shared by gg.train and the
+server's Train stream, so a run gives the same batches wherever it steps.
+
+Each epoch visits all ``n`` rows in a fresh order drawn from ``seed``, in batches of
+``batch_size`` rows (the last one may be smaller).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+
+def step_count(n: int, batch_size: int, epochs: int) -> int:
+    return epochs * math.ceil(n / batch_size) if n else 0
+
+
+def batches(n: int, batch_size: int, epochs: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """The row indices of every step from ``start_step`` on."""
+    rng = np.random.default_rng(seed)
+    per_epoch = math.ceil(n / batch_size) if n else 0
+    for epoch in range(epochs):
+        order = rng.permutation(n)  # drawn for every epoch, skipped or not, so a resumed run sees the same
+        for k in range(per_epoch):
+            if epoch * per_epoch + k >= start_step:
+                yield order[k * batch_size:(k + 1) * batch_size]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s random ops (dropout masks): a 64-bit mix of both (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)

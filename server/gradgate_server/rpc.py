@@ -1,0 +1,179 @@
+"""The envelope of every RPC, built once per method when the server starts.
+
+GradientService methods take and return raw bytes at the grpc level: ``codec``
+decodes each request (tensor maps as zero-copy arrays) into a ``Call`` for the
+servicer, whose reply is already encoded, so message sizes are ``len()`` of bytes at
+hand. Around it, in one wrapper: the status mapping (``errors.status_of``) and the
+per-RPC metrics and access log (``metrics``). Stock servicers (health, reflection)
+register through ``Observed``, which wraps their handlers the same way, once, instead
+of an interceptor that would run on every call.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from gradgate.codec import decode, encode
+from gradgate.v1 import gradient_service_pb2
+
+from .engine import ResourceExhausted
+from .errors import status_of
+from .metrics import Metrics, RpcRecord
+
+SERVICE = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"]
+
+
+class Call:
+    """One decoded request: ``msg`` without its tensor maps, ``arrays[field][name]`` for those,
+    and the grpc ``context``. ``reply`` encodes the answer and checks it fits."""
+
+    __slots__ = ("msg", "arrays", "context", "max_message_bytes", "session_id")
+
+    def __init__(self, msg: Any, arrays: dict[str, dict[str, np.ndarray]], context: grpc.ServicerContext,
+                 max_message_bytes: int):
+        self.msg, self.arrays, self.context, self.max_message_bytes = msg, arrays, context, max_message_bytes
+        self.session_id: str = getattr(msg, "session_id", "")  # for the access log; CreateSession sets it
+
+    @property
+    def deadline(self) -> float | None:
+        """The call's deadline on ``time.monotonic``'s clock, or None."""
+        remaining = self.context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def reply(self, message: Message, **arrays: Mapping[str, Any] | None) -> bytes:
+        """``message`` with its tensor maps, encoded. Raises ResourceExhausted (before the
+        caller commits anything) when it would not fit in a message."""
+        data = encode(message, **arrays)
+        if len(data) > self.max_message_bytes:
+            raise ResourceExhausted(f"the response would take {len(data)} bytes, more than the message limit of "
+                                    f"{self.max_message_bytes}; request fewer outputs or smaller batches",
+                                    "outputs")
+        return data
+
+
+def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int,
+                              max_elements: int) -> dict[str, grpc.RpcMethodHandler]:
+    """Method name -> handler for every RPC of GradientService, bytes in and bytes out."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        full_name = f"/{SERVICE.full_name}/{method.name}"
+        inner = getattr(servicer, method.name)
+
+        def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type) -> Call:
+            return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
+
+        if method.client_streaming:
+            kind = "bidi_stream" if method.server_streaming else "client_stream"
+            make = _bidi_stream if method.server_streaming else _client_stream
+        else:
+            kind = "unary"
+            make = _unary
+        handler = make(metrics.method(full_name, kind), inner, decoded)
+        handlers[method.name] = handler
+    return handlers
+
+
+def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) -> grpc.RpcMethodHandler:
+    def behavior(data: bytes, context: grpc.ServicerContext) -> bytes | None:
+        record = RpcRecord(record_of, context, len(data))
+        call = None
+        try:
+            call = decoded(data, context)
+            response = inner(call)
+        except Exception as e:
+            record.session = call.session_id if call is not None else ""
+            status = status_of(e, record_of.full_method)
+            record.end(status.code, status.details)
+            context.abort_with_status(status)
+            return None  # abort raised; unreachable
+        record.session = call.session_id
+        record.sent(len(response))
+        record.end()
+        return response
+    return grpc.unary_unary_rpc_method_handler(behavior)
+
+
+def _requests(record: RpcRecord, datas: Iterator[bytes], context: grpc.ServicerContext,
+              decoded: Callable) -> Iterator[Call]:
+    for data in datas:
+        record.received(len(data))
+        call = decoded(data, context)
+        record.session = record.session or call.session_id
+        yield call
+
+
+def _client_stream(record_of: Any, inner: Callable, decoded: Callable) -> grpc.RpcMethodHandler:
+    def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        record = RpcRecord(record_of, context, None)
+        try:
+            response = inner(_requests(record, datas, context, decoded), context)
+        except Exception as e:
+            status = status_of(e, record_of.full_method)
+            record.end(status.code, status.details)
+            context.abort_with_status(status)
+            return None
+        record.sent(len(response))
+        record.end()
+        return response
+    return grpc.stream_unary_rpc_method_handler(behavior)
+
+
+def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable) -> grpc.RpcMethodHandler:
+    def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        record = RpcRecord(record_of, context, None)
+        try:
+            for response in inner(_requests(record, datas, context, decoded), context):
+                record.sent(len(response))
+                yield response
+        except GeneratorExit:  # grpc dropped the stream (the client went away)
+            record.end()
+            raise
+        except Exception as e:
+            status = status_of(e, record_of.full_method)
+            record.end(status.code, status.details)
+            context.abort_with_status(status)
+        else:
+            record.end()
+    return grpc.stream_stream_rpc_method_handler(behavior)
+
+
+class Observed:
+    """Stands in for the grpc.Server while a stock servicer (health, reflection) registers,
+    wrapping each of its handlers once with the per-RPC metrics; ``pool`` gives them a
+    thread pool of their own, so they answer while every compute thread is busy."""
+
+    def __init__(self, server: grpc.Server, metrics: Metrics, pool: ThreadPoolExecutor | None = None):
+        self.server, self.metrics, self.pool = server, metrics, pool
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_ObservedGeneric(self, g) for g in generic_handlers))
+
+    def wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return self.metrics.observed(full_method, handler, self.pool)
+
+
+class _ObservedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, observed: Observed, inner: grpc.GenericRpcHandler):
+        self.observed, self.inner = observed, inner
+        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method  # type: ignore[attr-defined]
+        if method not in self._cache:  # only known methods: unknown ones are not cached (bounded)
+            handler = self.inner.service(details)
+            if handler is None:
+                return None
+            self._cache[method] = self.observed.wrap(method, handler)
+        return self._cache[method]
