@@ -15,25 +15,32 @@ import functools
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 256 * 2**20
+ARENA_MAX = 2  # glibc's default, 8 per core, spreads freed memory over arenas that trim separately
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 @functools.cache
 def tune_malloc() -> bool:
     """Apply the thresholds once per process; False where libc has no mallopt (not glibc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    libc = _libc()
+    return libc is not None and all(libc.mallopt(option, value) for option, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_ARENA_MAX, ARENA_MAX)))
 
 
 def release_memory() -> bool:
     """Return free heap memory to the OS (glibc's malloc_trim), e.g. after sessions close:
     the raised trim threshold would otherwise keep up to 256 MiB of it."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.metadata
 import logging
 import os
@@ -78,14 +79,13 @@ class Server:
         self._server.wait_for_termination()
 
     def _sweep(self) -> None:
-        peak = 0
+        freed = 0
         while not self._stopped.wait(min(1.0, max(0.05, self.config.session_ttl_seconds))):
-            self.store.sweep()
-            held = self.store.state_bytes + self.store.cache_bytes
-            peak = max(peak, held)
-            if held < peak - 16 * 2**20:  # sessions gave memory back: hand it to the OS
+            freed += self.store.sweep()
+            if freed > 16 * 2**20:  # sessions gave memory back: hand it to the OS
+                gc.collect()  # reference cycles (an error's traceback, say) may still hold arrays
                 release_memory()
-                peak = held
+                freed = 0
 
     def __enter__(self) -> Server:
         return self

@@ -110,7 +110,7 @@ class GradientService:
         with self.store.use(call.msg.session_id) as session:
             tape, params = self._forward(session, call)
             param_grads, input_grads = self._grads(session, tape, call.msg.input_grads, call)
-            reply = call.reply(pb.ForwardBackwardResponse(loss=tape.loss),
+            reply = call.reply(pb.ForwardBackwardResponse(loss=tape.loss, forward_id=session.forwards + 1),
                                outputs=self._outputs(session.plan, tape, call.msg.outputs),
                                param_grads=param_grads, input_grads=input_grads)
             self.store.commit(session, params=params, tape=tape)

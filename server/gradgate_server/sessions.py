@@ -97,6 +97,7 @@ class SessionStore:
         self.clock = clock
         self.cache_bytes = 0
         self.state_bytes = 0
+        self.high_water = 0  # most bytes held (state + cache) since the last memory release
         self._next_sweep = 0.0
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards the dict and the byte counts
@@ -116,6 +117,7 @@ class SessionStore:
             self._check_state(size, 0, "params")
             session.state_bytes = size
             self.state_bytes += size
+            self.high_water = max(self.high_water, self.state_bytes + self.cache_bytes)
             self._sessions[session.id] = session
         self.on_event("created")
         return session
@@ -182,6 +184,7 @@ class SessionStore:
                     session.tape, session.tape_bytes, session.forward_id = tape, size, session.forwards
                     session.evicted = False
                     self.cache_bytes += size
+            self.high_water = max(self.high_water, self.state_bytes + self.cache_bytes)
 
     def check_room(self, session: Session, data_bytes: int) -> None:
         """Raise ResourceExhausted unless a dataset of ``data_bytes`` would fit in place of
@@ -219,11 +222,15 @@ class SessionStore:
         self.state_bytes -= session.state_bytes
         session.state_bytes = 0
 
-    def sweep(self) -> None:
+    def sweep(self) -> int:
         """Expire idle sessions now (the server calls this periodically, so an idle
-        server frees memory and its metrics stay true without traffic)."""
+        server frees memory and its metrics stay true without traffic). Returns the bytes
+        given up since the high-water mark, and restarts the mark from here."""
         with self._lock:
             self._expire_idle()
+            held = self.state_bytes + self.cache_bytes
+            freed, self.high_water = self.high_water - held, held
+            return freed
 
     def _expire_idle(self) -> None:
         now = self.clock()

@@ -1,0 +1,308 @@
+"""Training on the server: UploadData + the Train stream, against the client-driven loop,
+over real gRPC, with a real server process killed mid-run, and client checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import gradgate as gg
+from gradgate import codec
+from gradgate.v1 import gradient_service_pb2 as pb
+from gradgate.v1 import train_pb2
+from gradgate_server import Config, serve
+
+from obs import free_port
+from procs import ROOT, ServerProcess
+
+Code = grpc.StatusCode
+
+
+def mlp(dtype: str = "float64", hidden: int = 16) -> gg.Graph:
+    g = gg.Graph(dtype)
+    x, y = g.input("x", (None, 2)), g.input("y", (None,), dtype="int64")
+    W1, b1 = g.param("W1", (2, hidden)), g.param("b1", (hidden,))
+    W2, b2 = g.param("W2", (hidden, 3)), g.param("b2", (3,))
+    g.set_loss(gg.softmax_cross_entropy(gg.tanh(x @ W1 + b1) @ W2 + b2, y) + 1e-3 * gg.l2(W1))
+    return g
+
+
+def spiral(n: int = 60) -> dict[str, np.ndarray]:
+    X, y = gg.spiral(n_per_class=n, seed=2)
+    return {"x": X, "y": y}
+
+
+def run(client: gg.Client, optimizer: gg.optim.Optimizer, on_server: bool, **kw) -> tuple[list[float], dict]:
+    g = mlp()
+    with client.session(g, gg.init_params(g, seed=1)) as sess:
+        losses = gg.train(sess, spiral(), optimizer, progress=False, on_server=on_server, **kw)
+        return losses, sess.get_params()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with gg.connect(timeout=20) as c:
+        yield c
+
+
+@pytest.mark.parametrize("make", [lambda: gg.optim.SGD(0.2, momentum=0.9), lambda: gg.optim.Adam(0.02)],
+                         ids=["sgd-momentum", "adam"])
+def test_server_training_equals_the_client_driven_loop(client, make) -> None:
+    kw = dict(epochs=4, batch_size=25, seed=5, sync_every=3)
+    here_opt, there_opt = make(), make()
+    here, here_params = run(client, here_opt, False, **kw)
+    there, there_params = run(client, there_opt, True, **kw)
+    assert len(there) == 4 * 8 and there[-1] < there[0]
+    np.testing.assert_allclose(there, here, rtol=1e-12)
+    for name in here_params:
+        np.testing.assert_allclose(there_params[name], here_params[name], rtol=1e-12, atol=0)
+    # the optimizer comes back with the server's state: training can go on from either
+    assert there_opt.step_count == here_opt.step_count == 32
+    for key, value in here_opt.state().items():
+        np.testing.assert_allclose(there_opt.state()[key], value, rtol=1e-12)
+
+
+def test_explicit_row_ranges_and_a_sync_on_request(client) -> None:
+    """Raw RPCs: TrainStart.batches names contiguous rows; a `sync` request gets the state mid-run."""
+    g, data = mlp(), spiral(10)
+    params = gg.init_params(g, seed=4)
+    ranges = [(0, 7), (7, 30), (3, 4)]
+    with client.session(g, params) as here:
+        opt = gg.optim.SGD(0.1)
+        p = here.get_params()
+        expected = []
+        for start, stop in ranges:
+            loss, grads = here.forward_backward({k: v[start:stop] for k, v in data.items()}, params=p)
+            expected.append(loss)
+            p = opt.step(p, grads)
+    with client.session(g, params) as sess:
+        assert sess.upload(data) == 30 * (2 * 8 + 8)
+        start = train_pb2.TrainStart(session_id=sess.id, optimizer=gg.optim.SGD(0.1).to_proto(),
+                                     batches=[train_pb2.RowRange(start=a, stop=b) for a, b in ranges])
+        requests = [train_pb2.TrainRequest(start=start), train_pb2.TrainRequest(sync=True)]
+        call, metadata = client.stream("Train", sess.id)
+        replies = [train_pb2.TrainResponse.FromString(r) for r in
+                   call(iter(r.SerializeToString() for r in requests), metadata=metadata, timeout=20)]
+    losses = [x for r in replies if r.HasField("progress") for x in r.progress.losses]
+    assert losses == pytest.approx(expected, rel=1e-12)
+    final = replies[-1].sync
+    assert final.done and final.step == 3 and final.optimizer_state.step == 3
+    for name, value in p.items():
+        np.testing.assert_allclose(codec.from_tensor(final.params[name]), value, rtol=1e-12)
+
+
+def raw_error(client: gg.Client, method: str, messages: list) -> grpc.RpcError:
+    call, metadata = client.stream(method)
+    with pytest.raises(grpc.RpcError) as e:
+        out = call(iter(m.SerializeToString() for m in messages), timeout=20)
+        if method == "Train":
+            list(out)
+    return e.value
+
+
+def test_bad_uploads_and_train_starts_are_clear_errors(client) -> None:
+    g = mlp()
+    with client.session(g) as sess:
+        x = np.zeros((4, 2))
+        y = np.zeros(4, np.int64)
+
+        def upload(rows: int, **columns) -> grpc.RpcError:
+            msg = train_pb2.UploadDataRequest(session_id=sess.id, rows=rows)
+            codec.to_tensor_map(columns, msg.columns)
+            return raw_error(client, "UploadData", [msg])
+
+        e = upload(4, x=x)
+        assert e.code() == Code.INVALID_ARGUMENT and "every input column ['x', 'y']" in e.details()
+        e = upload(3, x=x, y=y)
+        assert e.code() == Code.INVALID_ARGUMENT and "more than the 3 rows it announced" in e.details()
+        e = upload(5, x=x, y=y)
+        assert e.code() == Code.INVALID_ARGUMENT and "announced 5 rows but sent 4" in e.details()
+        e = upload(4, x=np.zeros((4, 3)), y=y)
+        assert e.code() == Code.INVALID_ARGUMENT and "column 'x' rows must be float64 (N, 2)" in e.details()
+        e = upload(4, x=x, y=y[:3])
+        assert e.code() == Code.INVALID_ARGUMENT and "rows in this chunk, the others" in e.details()
+
+        def start(**kw) -> grpc.RpcError:
+            return raw_error(client, "Train", [train_pb2.TrainRequest(start=train_pb2.TrainStart(
+                session_id=sess.id, **kw))])
+
+        e = start(optimizer=gg.optim.SGD(0.1).to_proto(), epochs=1)
+        assert e.code() == Code.INVALID_ARGUMENT and "call UploadData before Train" in e.details()
+        sess.upload({"x": x, "y": y})
+        e = start(epochs=1)
+        assert e.code() == Code.INVALID_ARGUMENT and "no optimizer given" in e.details()
+        e = start(optimizer=gg.optim.SGD(0.1).to_proto(), epochs=1, start_step=9)
+        assert e.code() == Code.INVALID_ARGUMENT and "past the schedule's 1 steps" in e.details()
+        e = start(optimizer=gg.optim.SGD(0.1).to_proto(), batches=[train_pb2.RowRange(start=2, stop=9)])
+        assert e.code() == Code.INVALID_ARGUMENT and "not within the dataset's 4 rows" in e.details()
+        e = raw_error(client, "Train", [train_pb2.TrainRequest(sync=True)])
+        assert e.code() == Code.INVALID_ARGUMENT and "first Train message must be `start`" in e.details()
+
+
+def test_an_upload_over_the_data_budget_is_refused_before_allocating() -> None:
+    g = mlp()
+    with serve("127.0.0.1:0", Config(session_bytes=64 * 1024)) as server, \
+            gg.connect(server.address, timeout=20) as client, client.session(g) as sess:
+        before = server.store.state_bytes
+        with pytest.raises(gg.GradgateError) as e:
+            sess.upload({"x": np.zeros((5000, 2)), "y": np.zeros(5000, np.int64)})
+        assert e.value.code == Code.RESOURCE_EXHAUSTED and "per-session budget of 65536" in e.value.message
+        assert server.store.state_bytes == before
+        assert sess.upload({"x": np.zeros((100, 2)), "y": np.zeros(100, np.int64)}) == 2400
+        assert server.store.state_bytes == before + 2400
+
+
+# -- surviving the server ----------------------------------------------------------
+
+def test_training_on_the_server_survives_sigkill_and_restart(caplog) -> None:
+    """The server process is killed with SIGKILL mid-run and restarted on the same port a
+    moment later; the SDK waits for it, re-creates the session from the last sync and
+    resumes, ending with the parameters and losses of an uninterrupted run."""
+    kw = dict(epochs=60, batch_size=10, seed=3, sync_every=25)
+    with gg.connect(timeout=20) as local:
+        expected, expected_params = run(local, gg.optim.Adam(0.01), True, **kw)
+
+    port = free_port()
+    server = ServerProcess("--port", str(port))
+    replacement: list[ServerProcess] = []
+    try:
+        with gg.connect(server.address, timeout=20, retry_seconds=30) as client:
+            g = mlp()
+            done = threading.Event()
+
+            def kill_and_restart() -> None:
+                deadline = time.monotonic() + 20
+                while server.in_flight("Train") < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.3)  # some syncs in
+                server.proc.send_signal(signal.SIGKILL)
+                server.proc.wait(10)
+                time.sleep(0.5)  # unreachable for a while
+                replacement.append(ServerProcess("--port", str(port)))
+                done.set()
+
+            killer = threading.Thread(target=kill_and_restart)
+            killer.start()
+            with caplog.at_level(logging.WARNING, logger="gradgate"), \
+                    client.session(g, gg.init_params(g, seed=1)) as sess:
+                losses = gg.train(sess, spiral(), gg.optim.Adam(0.01), progress=False, on_server=True, **kw)
+                params = sess.get_params()
+            killer.join(30)
+            assert done.is_set()
+    finally:
+        server.close()
+        for p in replacement:
+            p.close()
+    assert any("resuming from the last sync" in r.message for r in caplog.records), "the kill came too late"
+    assert losses == pytest.approx(expected, rel=1e-12)
+    for name, value in expected_params.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-12, atol=0)
+
+
+CLIENT = """
+import sys, numpy as np, gradgate as gg
+sys.path.insert(0, {tests!r})
+from test_train_on_server import mlp, spiral
+g = mlp()
+with gg.connect({address!r}, timeout=20) as client, client.session(g, gg.init_params(g, seed=1)) as sess:
+    losses = gg.train(sess, spiral(), gg.optim.SGD(0.1, momentum=0.9), epochs=80, batch_size=30, seed=4,
+                      progress=False, on_server={on_server}, sync_every=5, checkpoint={path!r})
+    np.savez({out!r}, losses=np.array(losses), **sess.get_params())
+"""
+
+
+@pytest.mark.parametrize("on_server", [False, True], ids=["client-driven", "on-server"])
+def test_a_killed_client_resumes_from_its_checkpoint(tmp_path: Path, on_server: bool) -> None:
+    with serve("127.0.0.1:0") as server:
+        def client(name: str, checkpoint: Path) -> subprocess.Popen:
+            script = CLIENT.format(tests=str(ROOT / "tests"), address=server.address, on_server=on_server,
+                                   path=str(checkpoint), out=str(tmp_path / f"{name}.npz"))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])}
+            return subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+
+        whole = client("whole", tmp_path / "whole-ckpt.npz")
+        assert whole.wait(120) == 0, whole.stderr.read()
+        checkpoint = tmp_path / "run" / "ckpt.npz"
+        killed = client("killed", checkpoint)
+        deadline = time.monotonic() + 60
+        while not checkpoint.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        with np.load(checkpoint) as f:
+            stopped_at = int(f["step"])
+        assert 0 < stopped_at < 80 * 6, "the kill came too late to test a resume"
+        resumed = client("killed", checkpoint)
+        assert resumed.wait(120) == 0, resumed.stderr.read()
+    with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "killed.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(b[name], a[name])
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path: Path, client) -> None:
+    g = mlp()
+    path = tmp_path / "c.npz"
+    with client.session(g) as sess:
+        gg.train(sess, spiral(5), gg.optim.SGD(0.1), epochs=1, progress=False, checkpoint=path)
+        with pytest.raises(ValueError, match="of another run"):
+            gg.train(sess, spiral(5), gg.optim.SGD(0.1), epochs=2, progress=False, checkpoint=path)
+
+
+def test_forward_ids_keep_interleaved_threads_from_getting_others_gradients() -> None:
+    """Forward and Backward on one session from many threads: every Backward either returns
+    the gradients of its own thread's batch or fails with FAILED_PRECONDITION."""
+    g = mlp(hidden=4)
+    with serve("127.0.0.1:0") as server, gg.connect(server.address, timeout=20) as client:
+        sess = client.session(g, gg.init_params(g, seed=0))
+        batches = [{k: v[i::4] for k, v in spiral(8).items()} for i in range(4)]
+        with client.session(g, gg.init_params(g, seed=0)) as ref:
+            expected = [ref.forward_backward(b).grads for b in batches]
+        outcomes = {"ok": 0, "replaced": 0}
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def worker(i: int) -> None:
+            try:
+                steps(i)
+            except BaseException as e:  # noqa: BLE001  # reported by the main thread
+                errors.append(e)
+
+        def steps(i: int) -> None:
+            own = gg.connect(server.address, timeout=20)  # its own SDK session object on the same server session
+            for _ in range(40):
+                fwd = own._unary["Forward"]
+                request = pb.ForwardRequest(session_id=sess.id)
+                reply, _ = codec.decode(fwd(codec.encode(request, inputs=batches[i]), timeout=20), pb.ForwardResponse)
+                try:
+                    _, arrays = own.call("Backward", pb.BackwardRequest(session_id=sess.id,
+                                                                        forward_id=reply.forward_id))
+                except gg.GradgateError as e:
+                    assert e.code == Code.FAILED_PRECONDITION and "replaced it" in e.message
+                    with lock:
+                        outcomes["replaced"] += 1
+                    continue
+                for name, value in expected[i].items():
+                    np.testing.assert_array_equal(arrays["param_grads"][name], value)
+                with lock:
+                    outcomes["ok"] += 1
+            own.close()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert outcomes["ok"] + outcomes["replaced"] == 160 and outcomes["ok"] > 0
+        sess.close()
