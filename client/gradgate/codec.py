@@ -348,6 +348,8 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
             t0, t1 = tensor if tensor is not None else (stop, stop)
             arrays[field][name] = _read_tensor(data, t0, t1, max_elements, field, name)
         message = cls.FromString(b"".join(rest))
+    except IndexError:
+        raise _not_a(cls, data, DecodeError("truncated field")) from None
     except (DecodeError, UnicodeDecodeError) as e:
         raise _not_a(cls, data, e) from None
     return message, arrays
