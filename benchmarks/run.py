@@ -1,0 +1,371 @@
+"""Every performance target as a ratio against a baseline measured in the same run.
+
+    python benchmarks/run.py            # the full run, written to benchmarks/results.md
+    python benchmarks/run.py --quick    # seconds: every row once, few repeats (CI runs this)
+
+Baselines run in this process, interleaved with what they are compared to: hand-written
+numpy, PyTorch eager (when installed: pip install torch==2.13.0), the engine in-process,
+a raw grpcio echo moving the same bytes, an empty unary call. Model: a 784-256-10 ReLU
+MLP, softmax cross-entropy, float32, Adam. Timings are medians; nothing is asserted.
+
+Targets (issue 7):
+  T7  a step of training on the server <= 1.3 x the in-process engine step (forward,
+      backward, the same Adam update) at batch 1, 32, 256, 1024; at batch 256 faster than
+      PyTorch eager training in this process
+  T2  a client-driven step (gg.train's ForwardBackward with the parameters, then Adam) <=
+      the in-process step + 1.2 x a raw grpcio echo of the same bytes in one call
+  T3  the lecture's 3-4-4-1 net, forward_backward through the SDK <= 1.3 x an empty unary call
+  T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
+Also: tail latency of concurrent calls by BLAS threads per call, and (from other
+modules, when present) the convnet step against PyTorch and 2 replicas against 1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import threadpoolctl
+
+import gradgate as gg
+from gradgate.memory import tune_malloc
+from gradgate_server import Config, serve
+from gradgate_server.engine import backward, compile_graph, forward
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+@dataclass
+class Row:
+    target: str
+    measured: str  # what was timed, with its time
+    baseline: str  # what it is compared to, with its time
+    ratio: float
+    goal: str  # e.g. "<= 1.3"
+    met: bool | None  # None: no goal, a reference
+
+    def cells(self) -> list[str]:
+        verdict = "—" if self.met is None else "met" if self.met else "NOT met"
+        return [self.target, self.measured, self.baseline, f"{self.ratio:.2f}", self.goal, verdict]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5) -> dict[str, float]:
+    """Medians of each fn, measured in alternating rounds so drift hits all of them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(median_seconds(fn, max(1, repeats // rounds)))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+# -- models ------------------------------------------------------------------------------
+
+def mlp(dtype: str = "float32") -> gg.Graph:
+    g = gg.Graph(dtype)
+    x, y = g.input("x", (None, 784)), g.input("y", (None,), dtype="int64")
+    W1, b1 = g.param("W1", (784, 256)), g.param("b1", (256,))
+    W2, b2 = g.param("W2", (256, 10)), g.param("b2", (10,))
+    g.set_loss(gg.softmax_cross_entropy(gg.relu(x @ W1 + b1) @ W2 + b2, y))
+    return g
+
+
+def lecture_net() -> tuple[gg.Graph, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """CS231n's 3-4-4-1 sigmoid net (h1 = f(W1 x + b1), h2 = f(W2 h1 + b2), out = W3 h2 + b3)."""
+    rng = np.random.default_rng(4)
+    shapes = {"W1": (4, 3), "b1": (4, 1), "W2": (4, 4), "b2": (4, 1), "W3": (1, 4), "b3": (1, 1)}
+    params = {k: rng.normal(size=s) for k, s in shapes.items()}
+    g = gg.Graph("float64")
+    x = g.input("x", (3, 1))
+    p = {k: g.param(k, s) for k, s in shapes.items()}
+    h1 = gg.sigmoid(p["W1"] @ x + p["b1"])
+    h2 = gg.sigmoid(p["W2"] @ h1 + p["b2"])
+    g.set_loss(gg.sum(p["W3"] @ h2 + p["b3"]))
+    return g, params, {"x": rng.normal(size=(3, 1))}
+
+
+def dataset(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 784)).astype(np.float32), "y": rng.integers(0, 10, n)}
+
+
+def numpy_step(X: np.ndarray, y: np.ndarray, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The CS231n two-layer net, forward and backward by hand."""
+    h = np.maximum(0, np.dot(X, p["W1"]) + p["b1"])
+    scores = np.dot(h, p["W2"]) + p["b2"]
+    scores -= scores.max(axis=1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=1, keepdims=True)
+    dscores = probs
+    dscores[np.arange(len(y)), y] -= 1
+    dscores /= len(y)
+    dh = np.dot(dscores, p["W2"].T) * (h > 0)
+    return {"W1": np.dot(X.T, dh), "b1": dh.sum(0), "W2": np.dot(h.T, dscores), "b2": dscores.sum(0)}
+
+
+def torch_training_step(batch: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> Callable[[], None] | None:
+    """PyTorch eager: forward, backward and torch.optim.Adam, in this process; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    tx, ty = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    opt = torch.optim.Adam(tp.values(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        scores = torch.relu(tx @ tp["W1"] + tp["b1"]) @ tp["W2"] + tp["b2"]
+        torch.nn.functional.cross_entropy(scores, ty).backward()
+        opt.step()
+    return step
+
+
+# -- raw grpcio baselines ------------------------------------------------------------------
+
+class Echo:
+    """A raw grpcio server: Empty answers b""; Echo answers a preset reply of any size."""
+
+    def __init__(self) -> None:
+        self.reply = b""
+        handler = grpc.method_handlers_generic_handler("bench.Echo", {
+            "Empty": grpc.unary_unary_rpc_method_handler(lambda request, context: b""),
+            "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: self.reply)})
+        options = [("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
+        self.server.add_generic_rpc_handlers((handler,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        self.empty = self.channel.unary_unary("/bench.Echo/Empty", _registered_method=True)
+        self.echo = self.channel.unary_unary("/bench.Echo/Echo", _registered_method=True)
+
+    def moving(self, up: int, down: int) -> Callable[[], object]:
+        """A call that sends ``up`` bytes and receives ``down`` bytes."""
+        request, reply = bytes(up), bytes(down)
+
+        def call() -> object:
+            self.reply = reply
+            return self.echo(request, timeout=60)
+        return call
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+
+
+# -- the targets ---------------------------------------------------------------------------
+
+def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool) -> list[Row]:
+    g = mlp()
+    plan = compile_graph(g.to_proto())
+    init = gg.init_params(g, seed=0)
+    rows = []
+    for n in batches:
+        steps = {1: 600, 32: 300, 256: 60, 1024: 24}[n] // (12 if quick else 1)
+        data = dataset(max(n, min(4096, n * steps)))
+        batch = {k: v[:n] for k, v in data.items()}
+        local_params, local_opt = dict(init), gg.optim.Adam(1e-3)
+
+        def in_process() -> None:
+            nonlocal local_params
+            tape = forward(plan, batch, local_params)
+            local_params = local_opt.step(local_params, backward(plan, tape, plan.params))
+
+        with client.session(g, init) as sess:
+            remote_params, remote_opt = sess.get_params(), gg.optim.Adam(1e-3)
+
+            def client_driven() -> None:
+                nonlocal remote_params
+                _, grads = sess.forward_backward(batch, params=remote_params)
+                remote_params = remote_opt.step(remote_params, grads)
+
+            sess.upload(data)
+            server_opt = gg.optim.Adam(1e-3)
+            epochs = max(1, steps * n // len(data["y"]))
+
+            def on_server() -> None:
+                for _ in sess.train_stream(server_opt, n, epochs, 0, sync_every=100):
+                    pass
+
+            up = sum(a.nbytes for a in batch.values()) + sum(a.nbytes for a in init.values())
+            down = sum(a.nbytes for a in init.values())
+            torch_step = torch_training_step(batch, init) if n == 256 else None
+            fns = {"in_process": in_process, "client_driven": client_driven, "echo": echo.moving(up, down)}
+            if torch_step:
+                fns["torch"] = torch_step
+            t = interleaved(fns, max(6, steps // 2), rounds=2 if quick else 5)
+            total_steps = epochs * (len(data["y"]) // n)
+            t["on_server"] = median_seconds(on_server, 1 if quick else 3, warmup=1) / total_steps
+        rows.append(Row(f"T7 batch {n}", f"step on the server {ms(t['on_server'])}",
+                        f"engine in-process {ms(t['in_process'])}", t["on_server"] / t["in_process"], "<= 1.3",
+                        t["on_server"] <= 1.3 * t["in_process"]))
+        if "torch" in t:
+            rows.append(Row(f"T7 batch {n} vs PyTorch", f"step on the server {ms(t['on_server'])}",
+                            f"PyTorch eager {ms(t['torch'])}", t["on_server"] / t["torch"], "< 1",
+                            t["on_server"] < t["torch"]))
+        wire = t["client_driven"] - t["in_process"]
+        rows.append(Row(f"T2 batch {n}", f"client-driven step {ms(t['client_driven'])} "
+                                         f"(wire {ms(wire)})",
+                        f"raw echo of {(up + down) / 2**20:.2f} MiB {ms(t['echo'])}", wire / t["echo"], "<= 1.2",
+                        wire <= 1.2 * t["echo"]))
+    return rows
+
+
+def reference_rows(batches: list[int], quick: bool) -> list[Row]:
+    """How the engine compares with hand-written numpy (forward + backward only)."""
+    g = mlp()
+    plan = compile_graph(g.to_proto())
+    params = gg.init_params(g, seed=0)
+    rows = []
+    for n in batches:
+        batch = {k: v[:n] for k, v in dataset(n).items()}
+        t = interleaved({"engine": lambda: backward(plan, forward(plan, batch, params), plan.params),
+                         "numpy": lambda: numpy_step(batch["x"], batch["y"], params)}, 30 if quick else 300)
+        rows.append(Row(f"engine batch {n}", f"forward+backward {ms(t['engine'])}", f"hand numpy {ms(t['numpy'])}",
+                        t["engine"] / t["numpy"], "", None))
+    return rows
+
+
+def tiny_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
+    g, params, batch = lecture_net()
+    with client.session(g, params) as sess:
+        t = interleaved({"sdk": lambda: sess.forward_backward(batch), "empty": lambda: echo.empty(b"", timeout=10)},
+                        100 if quick else 2000)
+    return Row("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
+               t["sdk"] / t["empty"], "<= 1.3", t["sdk"] <= 1.3 * t["empty"])
+
+
+def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
+    g = gg.Graph("float32")
+    x = g.input("x", (None, 2**20))
+    g.set_loss(gg.sum(x))
+    big = np.random.default_rng(0).normal(size=(4, 2**20)).astype(np.float32)  # 16 MiB
+    with client.session(g, {}) as sess:
+        t = interleaved({"forward": lambda: sess.forward({"x": big}), "raw": echo.moving(big.nbytes, 16)},
+                        4 if quick else 60)
+    return Row("T16 16 MiB input", f"Forward {ms(t['forward'])}", f"raw grpcio call {ms(t['raw'])}",
+               t["forward"] / t["raw"], "<= 1.25", t["forward"] <= 1.25 * t["raw"])
+
+
+def blas_rows(quick: bool) -> list[Row]:
+    """p90 latency of 4 concurrent batch-256 ForwardBackward calls, by BLAS threads per call."""
+    g = mlp()
+    batch = dataset(256)
+    calls = 8 if quick else 200
+    p90 = {}
+    for threads in (1, 2):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"), serve("127.0.0.1:0") as server, \
+                gg.connect(server.address) as client:
+            sessions = [client.session(g, gg.init_params(g, seed=i)) for i in range(4)]
+            latencies: list[float] = []
+
+            def worker(sess: gg.Session) -> None:
+                for _ in range(calls // 4):
+                    start = time.perf_counter()
+                    sess.forward_backward(batch)
+                    latencies.append(time.perf_counter() - start)
+
+            workers = [threading.Thread(target=worker, args=(s,)) for s in sessions]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            p90[threads] = float(np.percentile(latencies, 90))
+    return [Row("BLAS threads", f"p90, 1 thread per call {ms(p90[1])}", f"2 threads per call {ms(p90[2])}",
+                p90[1] / p90[2], "(rule: cores // max-workers)", None)]
+
+
+def other_rows(quick: bool) -> list[Row]:
+    """Benchmarks of other modules, when they exist: convnet_step.py and replicas.py."""
+    rows = []
+    for module, make in (("convnet_step", lambda m: Row(
+            "convnet step", f"engine {m['engine_ms']:.3f} ms", f"PyTorch eager {m['torch_ms']:.3f} ms", m["ratio"],
+            "", None)), ("replicas", lambda m: Row(
+            "2 replicas", f"{m['two_replicas_steps_per_s']:.0f} steps/s",
+            f"1 replica {m['one_replica_steps_per_s']:.0f} steps/s", m["ratio"], ">= 1.8", m["ratio"] >= 1.8))):
+        try:
+            measure = importlib.import_module(module).measure
+        except (ImportError, AttributeError):
+            continue
+        rows.append(make(measure(quick)))
+    return rows
+
+
+def machine() -> str:
+    import google.protobuf
+    versions = [f"Python {platform.python_version()}", f"numpy {np.__version__}", f"grpcio {grpc.__version__}",
+                f"protobuf {google.protobuf.__version__}", f"gradgate {gg.__version__}"]
+    try:
+        import torch
+        versions.append(f"torch {torch.__version__}")
+    except ImportError:
+        pass
+    blas = threadpoolctl.threadpool_info()
+    blas_text = ", ".join(f"{b.get('internal_api')} {b.get('version')}" for b in blas if b.get("user_api") == "blas")
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"{', '.join(versions)}; BLAS {blas_text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seconds, not minutes: every row, few repeats")
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="markdown file to write")
+    args = parser.parse_args(argv)
+    tune_malloc()
+    batches = [1, 256] if args.quick else [1, 32, 256, 1024]
+    rows: list[Row] = []
+    with threadpoolctl.threadpool_limits(1, user_api="blas"), serve("127.0.0.1:0", Config()) as server, \
+            gg.connect(server.address, timeout=120) as client:
+        echo = Echo()
+        try:
+            rows += training_rows(client, echo, batches, args.quick)
+            rows.append(tiny_row(client, echo, args.quick))
+            rows.append(big_tensor_row(client, echo, args.quick))
+        finally:
+            echo.close()
+        rows += reference_rows(batches, args.quick)
+    rows += blas_rows(args.quick)
+    rows += other_rows(args.quick)
+    header = ["target", "measured", "baseline", "ratio", "goal", "verdict"]
+    table = [header, ["---"] * len(header), *[r.cells() for r in rows]]
+    text = "\n".join("| " + " | ".join(cells) + " |" for cells in table)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = (f"# Benchmark results\n\n`python benchmarks/run.py{' --quick' if args.quick else ''}`, {stamp}, "
+              f"one BLAS thread.\n\nMachine: {machine()}\n\n{text}\n")
+    print(text)
+    Path(args.out).write_text(report)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
