@@ -55,7 +55,6 @@ def connect(address: str | None = None, *, timeout: float = 30.0, max_message_by
     ``retry_seconds``: how long to wait for an unreachable server to come back (a restart)
     before giving up.
     """
-    tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
     server = None
     if address is None:
         from gradgate_server import Config, serve  # the only place the SDK touches the server package
@@ -71,6 +70,7 @@ class Client:
 
     def __init__(self, address: str, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
                  server: Any = None, recover_sessions: bool = True, retry_seconds: float = 10.0):
+        tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
         self.address, self.timeout, self.recover_sessions = address, timeout, recover_sessions
         self.max_message_bytes, self.retry_seconds = max_message_bytes, retry_seconds
         self._server = server  # an embedded server, stopped with the client

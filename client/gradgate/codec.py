@@ -182,6 +182,29 @@ def _tensor_maps(cls: type[Message]) -> dict[str, int]:
     return maps
 
 
+_HEADERS: dict[tuple[bytes, str, int, tuple[int, ...]], bytes] = {}  # see _header
+_LAYOUTS: dict[tuple[int, int, bytes | None], tuple[bytes, str, int, tuple[int, ...], int]] = {}  # see decode
+_CACHED = 4096  # entries per cache; a training loop sends the same few names and shapes every step
+
+
+def _header(tag: bytes, name: str, code: int, shape: tuple[int, ...]) -> bytes:
+    """The bytes of a map entry {name: Tensor} up to its data: they depend only on these four."""
+    key = (tag, name, code, shape)
+    head = _HEADERS.get(key)
+    if head is None:
+        dims = (bytes(shape) if max(shape) < 128 else b"".join([_varint(d) for d in shape])) if shape else b""
+        nbytes = math.prod(shape) * DTYPES[code].itemsize  # type: ignore[index]
+        tensor = b"\x08" + _SMALL[code] + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
+            b"\x1a" + _varint(nbytes) if nbytes else b"")
+        k = name.encode()
+        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(tensor) + nbytes) + tensor
+        head = tag + _varint(len(entry) + nbytes) + entry
+        if len(_HEADERS) >= _CACHED:
+            _HEADERS.clear()
+        _HEADERS[key] = head
+    return head
+
+
 def _tensor_entry(parts: list, tag: bytes, name: str, value: Any) -> None:
     """Append one map entry {name: Tensor(value)} with field tag ``tag`` to ``parts``: the
     array itself goes in as a buffer, so the final join copies its bytes once."""
@@ -192,15 +215,8 @@ def _tensor_entry(parts: list, tag: bytes, name: str, value: Any) -> None:
         a = a.astype(DTYPES[code])
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    shape = a.shape
-    dims = (bytes(shape) if max(shape) < 128 else b"".join([_varint(d) for d in shape])) if shape else b""
-    nbytes = a.nbytes
-    tensor = b"\x08" + _SMALL[code] + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
-        b"\x1a" + _varint(nbytes) if nbytes else b"")
-    key = name.encode()
-    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(tensor) + nbytes) + tensor
-    parts.append(tag + _varint(len(entry) + nbytes) + entry)
-    if nbytes:
+    parts.append(_header(tag, name, code, a.shape))
+    if a.nbytes:
         parts.append(a)
 
 
@@ -262,8 +278,9 @@ def _read_dims(data: bytes, pos: int, stop: int) -> list[int]:
     return out
 
 
-def _read_tensor(data: bytes, pos: int, end: int, max_elements: int | None, field: str, name: str) -> np.ndarray:
-    """A Tensor message in data[pos:end]; single-byte tags and lengths take the short path."""
+def _read_tensor(data: bytes, pos: int, end: int) -> tuple[int, tuple[int, ...], int, int]:
+    """A Tensor message in data[pos:end]: dtype code, shape, data offset and length.
+    Single-byte tags and lengths take the short path."""
     code, shape, offset, nbytes = 0, [], pos, 0
     while pos < end:
         key = data[pos]
@@ -294,7 +311,7 @@ def _read_tensor(data: bytes, pos: int, end: int, max_elements: int | None, fiel
                 shape.append(d - (1 << 64) if d >= 1 << 63 else d)
             else:
                 pos = _skip(data, key & 7, pos, end)
-    return _array(code, tuple(shape), data, offset, nbytes, max_elements, field, name)
+    return code, tuple(shape), offset, nbytes
 
 
 def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
@@ -314,19 +331,29 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
     try:
         while pos < end:
             start = pos
-            key = data[pos]
+            tag = data[pos]
             pos += 1
-            if key >= 128:
-                key, pos = _read_varint(data, pos - 1, end)
-            field = fields.get(key >> 3) if key & 7 == 2 else None
+            if tag >= 128:
+                tag, pos = _read_varint(data, pos - 1, end)
+            field = fields.get(tag >> 3) if tag & 7 == 2 else None
             if field is None:
-                pos = _skip(data, key & 7, pos, end)
+                pos = _skip(data, tag & 7, pos, end)
                 rest.append(data[start:pos])
                 continue
             length, pos = _read_varint(data, pos, end)
             stop = pos + length
             if stop > end:
                 raise DecodeError("truncated map entry")
+            # the usual entry starts with its key (field 1), a short name: look for a header seen before
+            named = data[pos + 2:pos + 2 + data[pos + 1]] if length > 2 and data[pos] == 0x0A and data[pos + 1] < 128 \
+                else None
+            layout = _LAYOUTS.get((tag, length, named))
+            if layout is not None and data.startswith(layout[0], pos):  # only the data differs
+                head, name, code, shape, nbytes = layout
+                arrays[field][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements, field, name)
+                pos = stop
+                continue
+            start = pos
             name, tensor = "", None
             while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
                 key = data[pos]
@@ -346,7 +373,12 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
             if pos > stop:
                 raise DecodeError("truncated map entry")
             t0, t1 = tensor if tensor is not None else (stop, stop)
-            arrays[field][name] = _read_tensor(data, t0, t1, max_elements, field, name)
+            code, shape, offset, nbytes = _read_tensor(data, t0, t1)
+            arrays[field][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
+            if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
+                if len(_LAYOUTS) >= _CACHED:
+                    _LAYOUTS.clear()
+                _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
         message = cls.FromString(b"".join(rest))
     except IndexError:
         raise _not_a(cls, data, DecodeError("truncated field")) from None

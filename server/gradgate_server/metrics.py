@@ -272,7 +272,19 @@ class RpcRecord:
             fields["session"] = self.session[:8]  # enough to correlate, useless as a credential
         if details:  # our messages name nodes, fields and shapes, never tensor values
             fields["error"] = details[:300]
-        log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+        log.info("%s", _Line(fields), extra={"fields": fields})
+
+
+class _Line:
+    """The text of an access-log line, made only if a text formatter asks for it."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]):
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.fields.items())
 
 
 # -- stock servicers (health, reflection): their handlers wrapped once -------------------

@@ -26,6 +26,9 @@ from .sessions import Session, SessionStore
 from .training import Training
 
 
+LIVENESS_SECONDS = 0.005
+
+
 class GradientService:
     def __init__(self, store: SessionStore, config: Config, metrics: Metrics | None = None):
         self.store = store
@@ -39,16 +42,22 @@ class GradientService:
 
     def watch(self, context: grpc.ServicerContext, pass_: str) -> Callable[[str, float], None]:
         """The engine's per-step hook: stop computing for a call that is gone (cancelled, past
-        its deadline, or cut off by shutdown), and time the ops of one call in
-        ``op_timing_every`` (per-op metrics are a sample; per-call metrics count every call)."""
+        its deadline, or cut off by shutdown; asked at most every ``LIVENESS_SECONDS`` of
+        compute), and time the ops of one call in ``op_timing_every`` (per-op metrics are a
+        sample; per-call metrics count every call)."""
         every = self.config.op_timing_every
         timer = self._timers.get(pass_) if every and next(self._calls) % every == 0 else None
+        computed = 0.0
 
         def hook(op: str, seconds: float) -> None:
+            nonlocal computed
             if timer is not None:
                 timer(op, seconds)
-            if not context.is_active():
-                raise DeadlineExceeded("the call ended (cancelled or past its deadline) before the pass finished")
+            computed += seconds
+            if computed > LIVENESS_SECONDS:
+                computed = 0.0
+                if not context.is_active():
+                    raise DeadlineExceeded("the call ended (cancelled or past its deadline) before the pass finished")
         return hook
 
     def _forward(self, session: Session, call: Call) -> tuple[Tape, dict[str, np.ndarray]]:
