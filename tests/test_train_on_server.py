@@ -306,3 +306,41 @@ def test_forward_ids_keep_interleaved_threads_from_getting_others_gradients() ->
         assert not errors, errors
         assert outcomes["ok"] + outcomes["replaced"] == 160 and outcomes["ok"] > 0
         sess.close()
+
+
+def test_sdk_threads_sharing_a_session_never_get_each_others_gradients() -> None:
+    """One SDK Session object used by two threads: A runs forward, then B runs forward, then A
+    calls backward(). A's backward names A's forward, which B's replaced: FAILED_PRECONDITION,
+    not B's gradients; B's backward gets B's."""
+    g = mlp(hidden=4)
+    a_batch, b_batch = ({k: v[i::2] for k, v in spiral(4).items()} for i in range(2))
+    with serve("127.0.0.1:0") as server, gg.connect(server.address, timeout=20) as client, \
+            client.session(g, gg.init_params(g, seed=0)) as sess:
+        expected_b = sess.forward_backward(b_batch).grads
+        results: dict[str, object] = {}
+        a_forwarded, b_forwarded = threading.Event(), threading.Event()
+
+        def a() -> None:
+            sess.forward(a_batch)
+            a_forwarded.set()
+            b_forwarded.wait(10)
+            try:
+                results["a"] = sess.backward()
+            except gg.GradgateError as e:
+                results["a"] = e
+
+        def b() -> None:
+            a_forwarded.wait(10)
+            sess.forward(b_batch)
+            b_forwarded.set()
+            results["b"] = sess.backward()
+
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert isinstance(results["a"], gg.GradgateError) and results["a"].code == Code.FAILED_PRECONDITION
+    assert "replaced it" in results["a"].message
+    for name, value in expected_b.items():
+        np.testing.assert_array_equal(results["b"][name], value)

@@ -10,6 +10,7 @@ the same, with no state shared between servers (DESIGN.md, Scale-out).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,9 +62,11 @@ class Session:
         self._closed = False
         self._graph = graph.to_proto()
         self._params = self._cast(params)  # what the server holds: all we need to re-create it
-        # the call whose activations the server caches: (method, request, arrays), and its forward id
+        # the call whose activations the server caches: (method, request, arrays), and its forward id;
+        # each thread also keeps the id of its own last forward, which its backward() names
         self._last_forward: tuple[str, Any, dict[str, Any]] | None = None
         self._forward_id = 0
+        self._thread = threading.local()
         response = self._create()
         self.parameter_count: int = response.parameter_count
         self.ttl_seconds: float = response.ttl_seconds
@@ -95,7 +98,7 @@ class Session:
             forward_method, forward_request, forward_arrays = self._last_forward
             forward_request.session_id = self.id
             replayed, _ = self.client.call(forward_method, forward_request, self.id, **forward_arrays)
-            request.forward_id = self._forward_id = replayed.forward_id
+            request.forward_id = self._forward_id = self._thread.forward_id = replayed.forward_id
         log.warning("session %s... was not found on the server (restarted, expired or another replica); "
                     "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
         request.session_id = self.id
@@ -107,6 +110,7 @@ class Session:
         if params:
             self._params.update(params)
         self._last_forward, self._forward_id = forward, forward_id
+        self._thread.forward_id = forward_id
 
     def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
                 params: Arrays | None = None) -> ForwardResult:
@@ -121,10 +125,11 @@ class Session:
         return ForwardResult(response.loss, got["outputs"])
 
     def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
-        """Gradients of the loss of the last forward: every parameter, and the float inputs if ``inputs``.
-        Fails with FAILED_PRECONDITION if another forward on this session (say, from another
-        thread) has replaced that forward, rather than return that forward's gradients."""
-        request = pb.BackwardRequest(session_id=self.id, input_grads=inputs, forward_id=self._forward_id)
+        """Gradients of the loss of this thread's last forward: every parameter, and the float inputs
+        if ``inputs``. Fails with FAILED_PRECONDITION if another forward on this session (say, from
+        another thread) has replaced that forward, rather than return that forward's gradients."""
+        forward_id = getattr(self._thread, "forward_id", self._forward_id)
+        request = pb.BackwardRequest(session_id=self.id, input_grads=inputs, forward_id=forward_id)
         return _grads(self._call("Backward", request)[1])
 
     def forward_backward(self, batch: Arrays, params: Arrays | None = None,
