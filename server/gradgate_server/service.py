@@ -57,7 +57,7 @@ class GradientService:
         if params:
             check_params(session.plan, params, complete=False)
         tape = forward(session.plan, call.arrays["inputs"], {**session.params, **params} if params else session.params,
-                       call.deadline, self.watch(call.context, "forward"))
+                       deadline=call.deadline, on_step=self.watch(call.context, "forward"))
         return tape, params
 
     def _outputs(self, plan: Plan, tape: Tape, requested: Iterable[str]) -> dict[str, np.ndarray]:
