@@ -154,6 +154,15 @@ class Graph:
                 value_to_attr(attr, node.attrs[key])
         return msg
 
+    @staticmethod
+    def from_onnx(model: Any, loss: Any = None, *, target: str = "target", batch: bool = True,
+                  dtype: str | None = None) -> Any:
+        """Import an ONNX model: ``graph, params, buffers = gg.Graph.from_onnx("net.onnx", loss="mse_loss")``.
+
+        Needs ``pip install 'gradgate[onnx]'``; see gradgate.onnx.from_onnx for the arguments."""
+        from gradgate.onnx import from_onnx  # onnx is an optional dependency
+        return from_onnx(model, loss, target=target, batch=batch, dtype=dtype)
+
     @classmethod
     def from_proto(cls, msg: graph_pb2.Graph) -> Graph:
         """Rebuild a graph; ``Graph.from_proto(m).to_proto() == m``."""

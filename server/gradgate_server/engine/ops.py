@@ -730,9 +730,10 @@ defop("conv2d", ("x", "w", "b"), _conv2d, _conv2d_dx, _conv2d_dw,
 def pool_shape(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, dilation: Any = 1,
                **_: Any) -> Shape:
     win = Window.of(x, kernel, kernel if stride is None else stride, padding, dilation)
-    if max(win.pads[0], win.pads[2]) > (win.dh * (win.kh - 1) + 1) // 2 or \
-            max(win.pads[1], win.pads[3]) > (win.dw * (win.kw - 1) + 1) // 2:
-        raise ValueError(f"padding {win.pads} must be at most half the (dilated) window")
+    if max(win.pads[0], win.pads[2]) >= win.dh * (win.kh - 1) + 1 or \
+            max(win.pads[1], win.pads[3]) >= win.dw * (win.kw - 1) + 1:
+        raise ValueError(f"padding {win.pads} must be smaller than the (dilated) window, so that every "
+                         "window overlaps the input")
     return (x[0], x[1], win.ho, win.wo)
 
 
