@@ -638,12 +638,13 @@ class Window:
         return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=fill)
 
     def view(self, xp: np.ndarray) -> np.ndarray:
-        """(N, Ho, Wo, C, kh, kw) windows of the padded input, a strided view (no copy)."""
+        """(N, C, kh, kw, Ho, Wo): every window of the padded input, a strided view (no copy).
+        Element [n, c, i, j] is the (Ho, Wo) image that kernel position (i, j) sees."""
         n, c = xp.shape[:2]
         s = xp.strides
         return np.lib.stride_tricks.as_strided(
-            xp, (n, self.ho, self.wo, c, self.kh, self.kw),
-            (s[0], s[2] * self.sh, s[3] * self.sw, s[1], s[2] * self.dh, s[3] * self.dw), writeable=False)
+            xp, (n, c, self.kh, self.kw, self.ho, self.wo),
+            (s[0], s[1], s[2] * self.dh, s[3] * self.dw, s[2] * self.sh, s[3] * self.sw), writeable=False)
 
     def offsets(self) -> Iterable[tuple[int, int, tuple[slice, slice]]]:
         """Per kernel position (i, j): the strided (H, W) slice of the padded input it reads.
@@ -675,50 +676,34 @@ def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: A
             dilation: Any = 1, groups: int = 1) -> tuple[Any, tuple]:
     win = Window.of(x.shape, w.shape[2:], stride, padding, dilation)
     n, f = x.shape[0], w.shape[0]
-    cols = win.view(win.pad(x)).reshape(n * win.ho * win.wo, x.shape[1] * win.kh * win.kw)  # im2col: one copy
-    if groups == 1:
-        out = np.dot(cols, w.reshape(f, cols.shape[1]).T)
-    else:
-        per_group = cols.reshape(len(cols), groups, cols.shape[1] // groups).transpose(1, 0, 2)
-        out = np.matmul(per_group, w.reshape(groups, f // groups, per_group.shape[2]).transpose(0, 2, 1))
-        out = out.transpose(1, 0, 2).reshape(len(cols), f)
+    # im2col, one copy: per image a (C*kh*kw, Ho*Wo) matrix, so one GEMM per image gives NCHW directly
+    cols = win.view(win.pad(x)).reshape(n, groups, x.shape[1] // groups * win.kh * win.kw, win.ho * win.wo)
+    out = np.matmul(w.reshape(groups, f // groups, cols.shape[2]), cols)  # (N, G, F/G, Ho*Wo)
+    out = out.reshape(n, f, win.ho, win.wo)
     if b is not None:
-        out += b
-    out = np.ascontiguousarray(out.reshape(n, win.ho, win.wo, f).transpose(0, 3, 1, 2))
-    return out, (cols, w, x.shape, win, groups)
+        out += b[:, None, None]
+    return out, (cols, w, x.shape, win)
 
 
-def _rows_of(g: np.ndarray) -> np.ndarray:
-    """(N, F, Ho, Wo) -> (N*Ho*Wo, F), matching the im2col rows."""
-    return g.transpose(0, 2, 3, 1).reshape(g.shape[0] * g.shape[2] * g.shape[3], g.shape[1])
-
-
-def _conv2d_dx(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, win: Window,
-               groups: int) -> np.ndarray:
-    g2, f = _rows_of(g), w.shape[0]
-    k = int(np.prod(w.shape[1:]))
-    if groups == 1:
-        dcols = np.dot(g2, w.reshape(f, k))
-    else:
-        dcols = np.matmul(g2.reshape(len(g2), groups, f // groups).transpose(1, 0, 2),
-                          w.reshape(groups, f // groups, k)).transpose(1, 0, 2)
+def _conv2d_dx(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, win: Window) -> np.ndarray:
     n, c = x_shape[:2]
-    dcols = dcols.reshape(n, win.ho, win.wo, c, win.kh, win.kw)
+    groups, k = cols.shape[1], cols.shape[2]
+    g4 = g.reshape(n, groups, g.shape[1] // groups, win.ho * win.wo)
+    dcols = np.matmul(w.reshape(groups, w.shape[0] // groups, k).transpose(0, 2, 1), g4)  # (N, G, C/G*kh*kw, Ho*Wo)
+    dcols = dcols.reshape(n, c, win.kh, win.kw, win.ho, win.wo)
     t, l, b, r = win.pads
     dxp = np.zeros((n, c, x_shape[2] + t + b, x_shape[3] + l + r), g.dtype)
-    for i, j, where in win.offsets():
-        dxp[(slice(None), slice(None), *where)] += dcols[..., i, j].transpose(0, 3, 1, 2)
+    for i, j, where in win.offsets():  # col2im: kh*kw strided adds, not a loop over pixels
+        dxp[(slice(None), slice(None), *where)] += dcols[:, :, i, j]
     return win.crop(dxp)
 
 
-def _conv2d_dw(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, win: Window,
-               groups: int) -> np.ndarray:
-    g2 = _rows_of(g)
-    if groups == 1:
-        return np.dot(g2.T, cols).reshape(w.shape)
-    per_group = cols.reshape(len(cols), groups, cols.shape[1] // groups).transpose(1, 0, 2)
-    f = w.shape[0]
-    return np.matmul(g2.reshape(len(g2), groups, f // groups).transpose(1, 2, 0), per_group).reshape(w.shape)
+def _conv2d_dw(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, win: Window) -> np.ndarray:
+    n, groups = cols.shape[:2]
+    g4 = g.reshape(n, groups, g.shape[1] // groups, win.ho * win.wo)
+    if groups == 1:  # one GEMM over the whole batch
+        return np.tensordot(g4[:, 0], cols[:, 0], axes=([0, 2], [0, 2])).reshape(w.shape)
+    return np.matmul(g4, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)
 
 
 defop("conv2d", ("x", "w", "b"), _conv2d, _conv2d_dx, _conv2d_dw,
@@ -740,10 +725,17 @@ def pool_shape(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, 
 def _max_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any = 0,
                 dilation: Any = 1) -> tuple[Any, tuple]:
     win = Window.of(x.shape, kernel, kernel if stride is None else stride, padding, dilation)
-    windows = win.view(win.pad(x, -np.inf)).reshape(x.shape[0], win.ho, win.wo, x.shape[1], win.kh * win.kw)
-    arg = windows.argmax(axis=-1)  # the first maximum, as PyTorch picks
-    out = np.take_along_axis(windows, arg[..., None], axis=-1)[..., 0].transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(out), (arg.transpose(0, 3, 1, 2), x.shape, win)
+    windows = win.view(win.pad(x, -np.inf))
+    out = np.array(windows[:, :, 0, 0])
+    arg = np.zeros(out.shape, np.int16)  # which kernel position holds the maximum
+    for i, j, _ in win.offsets():  # kh*kw vectorized passes; the first maximum wins, as in PyTorch
+        if i or j:
+            v = windows[:, :, i, j]
+            better = v > out
+            better |= v != v  # NaN propagates
+            np.copyto(out, v, where=better)
+            arg[better] = i * win.kw + j
+    return out, (arg, x.shape, win)
 
 
 def _max_pool2d_dx(g: np.ndarray, arg: np.ndarray, x_shape: Shape, win: Window) -> np.ndarray:
@@ -762,13 +754,12 @@ defop("max_pool2d", ("x",), _max_pool2d, _max_pool2d_dx,
 def _avg_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any = 0,
                 count_include_pad: bool = True) -> tuple[Any, tuple]:
     win = Window.of(x.shape, kernel, kernel if stride is None else stride, padding, 1)
-    total = win.view(win.pad(x)).sum(axis=(-2, -1)).transpose(0, 3, 1, 2)
+    total = win.view(win.pad(x)).sum(axis=(2, 3))
     if count_include_pad or not any(win.pads):
         count: Any = win.kh * win.kw
     else:  # count only the real pixels of each window
-        ones = win.pad(np.ones((1, 1, *x.shape[2:]), x.dtype))
-        count = win.view(ones).sum(axis=(-2, -1)).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(total / count), (count, x.shape, win)
+        count = win.view(win.pad(np.ones((1, 1, *x.shape[2:]), x.dtype))).sum(axis=(2, 3))
+    return total / count, (count, x.shape, win)
 
 
 def _avg_pool2d_dx(g: np.ndarray, count: Any, x_shape: Shape, win: Window) -> np.ndarray:
