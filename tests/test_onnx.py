@@ -212,7 +212,7 @@ def torch_models(torch: Any) -> dict[str, Any]:
             return self.fc(h.view(h.size(0), -1))  # Shape/Gather/Concat/Reshape in the legacy export
 
     torch.manual_seed(0)
-    return {"mlp": (MLP(), (6,)), "convnet": (ConvNet(), (1, 8, 8))}
+    return {"mlp": (MLP().float(), (6,)), "convnet": (ConvNet().float(), (1, 8, 8))}
 
 
 @pytest.mark.parametrize("name, exporter", [("mlp", "legacy"), ("convnet", "legacy"), ("convnet", "dynamo")])
@@ -222,7 +222,7 @@ def test_exported_pytorch_model_gives_pytorchs_loss_and_gradients(tmp_path: Path
         require("onnxscript", "pip install onnxscript")
     module, shape = torch_models(torch)[name]
     path = tmp_path / f"{name}.onnx"
-    example = torch.randn(2, *shape)
+    example = torch.randn(2, *shape, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":

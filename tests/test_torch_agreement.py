@@ -5,7 +5,7 @@ activation and loss, a convnet, a net with batchnorm and dropout in both modes).
 PyTorch is test-only: ``pip install torch==2.13.0`` (.ci/run installs it)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,10 +22,12 @@ TOL = 1e-10
 
 
 @pytest.fixture(scope="module")
-def torch() -> Any:
+def torch() -> Iterator[Any]:
     torch = require("torch", "pip install torch==2.13.0")
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    return torch
+    yield torch
+    torch.set_default_dtype(previous)
 
 
 def rel(ours: np.ndarray, theirs: np.ndarray) -> float:
