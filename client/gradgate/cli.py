@@ -62,7 +62,7 @@ def demo_convnet(args: argparse.Namespace) -> int:
               f"via {client.address}")
         losses = gg.train(sess, train_set, gg.optim.Adam(lr=args.lr or 0.01), epochs=args.epochs,
                           batch_size=args.batch_size, seed=args.seed)
-        scores = sess.forward(test_set).outputs["scores"]
+        scores = sess.forward(test_set, train=False).outputs["scores"]
     accuracy = float(np.mean(scores.argmax(axis=1) == test_set["y"]))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps, {time.perf_counter() - start:.1f} s")
     print(f"test accuracy: {accuracy:.3f} on {len(test_set['y'])} held-out images")
