@@ -87,3 +87,14 @@ def test_initial_buffers_are_taken_from_create_session(client: gg.Client) -> Non
     with pytest.raises(gg.GradgateError) as e:
         client.session(g, gg.init_params(g), buffers={"bn2.running_mean": np.zeros(3)})
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'bn2.running_mean'" in e.value.message
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gradient_check_over_grpc_in_both_modes_with_the_session_buffers(client: gg.Client, train: bool) -> None:
+    g = net()
+    stats = {"bn1.running_mean": np.array([0.5, 0.0, -0.5]), "bn1.running_var": np.array([2.0, 1.0, 3.0])}
+    with client.session(g, gg.init_params(g, seed=2), buffers=stats) as sess:
+        report = sess.gradient_check(BATCH, mode="sparse", train=train, forward_seed=3, num_checks=5)
+        assert report.passed, report
+        local = forward(compile_graph(g.to_proto()), BATCH, gg.init_params(g, seed=2), stats, train=train, seed=3)
+        assert report.loss == pytest.approx(local.loss, rel=1e-12)

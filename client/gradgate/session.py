@@ -234,15 +234,17 @@ class Session:
         self._buffers.update(buffers)
         return buffers
 
-    def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None,
-                       **settings: Any) -> GradCheckReport:
+    def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None, *,
+                       train: bool = True, forward_seed: int = 0, **settings: Any) -> GradCheckReport:
         """Compare the analytic gradients at ``batch`` with centered differences, on the server in float64.
 
         ``mode`` is sparse | full | fast; ``params`` overrides parameter values for this check only;
-        ``settings`` are gradgate.gradcheck.settings's (eps, atol, rtol, num_checks, seed, wrt,
-        include_inputs, max_worst). The session's parameters and cached forward are left as they were.
+        ``train`` and ``forward_seed`` are the forward's mode and dropout seed (the masks stay fixed
+        while coordinates move); ``settings`` are gradgate.gradcheck.settings's (eps, atol, rtol,
+        num_checks, seed, wrt, include_inputs, max_worst). The session's parameters, buffers and
+        cached forward are left as they were.
         """
-        return check_session(self, batch, mode, params, **settings)
+        return check_session(self, batch, mode, params, train=train, forward_seed=forward_seed, **settings)
 
     def close(self) -> None:
         """Free the session on the server. Closing twice, or a session the server already
