@@ -98,3 +98,22 @@ def test_gradient_check_over_grpc_in_both_modes_with_the_session_buffers(client:
         assert report.passed, report
         local = forward(compile_graph(g.to_proto()), BATCH, gg.init_params(g, seed=2), stats, train=train, seed=3)
         assert report.loss == pytest.approx(local.loss, rel=1e-12)
+
+
+def test_server_side_training_draws_the_client_loops_masks_and_keeps_buffers(client: gg.Client) -> None:
+    g = net()
+    data = {"x": rng.normal(size=(24, 2, 4, 4)), "y": rng.integers(0, 3, 24)}
+    runs = []
+    for on_server in (False, True):
+        with client.session(g, gg.init_params(g, seed=5)) as sess:
+            losses = gg.train(sess, data, gg.optim.SGD(0.05, momentum=0.9), epochs=3, batch_size=8, seed=9,
+                              progress=False, on_server=on_server)
+            runs.append((losses, sess.get_buffers(), sess.get_params()))
+    (client_losses, client_stats, client_params), (server_losses, server_stats, server_params) = runs
+    np.testing.assert_allclose(server_losses, client_losses, rtol=1e-12)
+    assert len(set(np.round(client_losses, 12))) == len(client_losses)  # masks differ from step to step
+    for name in client_stats:
+        np.testing.assert_allclose(server_stats[name], client_stats[name], rtol=1e-12)
+    assert not np.allclose(client_stats["bn1.running_var"], 1.0)  # nine train steps moved them
+    for name in client_params:
+        np.testing.assert_allclose(server_params[name], client_params[name], rtol=1e-10)
