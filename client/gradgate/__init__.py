@@ -9,17 +9,25 @@ from gradgate import data, gradcheck, optim
 from gradgate.client import Client, OpInfo, connect
 from gradgate.data import spiral
 from gradgate.errors import GradgateError
-from gradgate.graph import (Graph, TensorSpec, Value, constant, exp, l2, log, maximum, mean, relu, reshape,
-                            sigmoid, softmax_cross_entropy, square, sum, svm_loss, tanh, transpose)
+from gradgate.graph import (Graph, TensorSpec, Value, abs, add, affine, avg_pool2d, batchnorm, bce_with_logits, clip,
+                            concat, constant, conv2d, div, dropout, exp, flatten, l2, layernorm, log, log_softmax,
+                            matmul, max_pool2d, maximum, mean, mse_loss, mul, neg, pow, relu, reshape, sigmoid,
+                            slice, softmax, softmax_cross_entropy, sqrt, square, sub, sum, svm_loss, tanh, transpose)
 from gradgate.params import init_params
 from gradgate.session import ForwardResult, Session, StepResult
 from gradgate.train import train
 
 __version__ = "0.1.0"
 
+# the graph builder: one function per registry op, same names and attributes as ListOps
+OPS = [
+    "abs", "add", "affine", "avg_pool2d", "batchnorm", "bce_with_logits", "clip", "concat", "constant", "conv2d", "div",
+    "dropout", "exp", "flatten", "l2", "layernorm", "log", "log_softmax", "matmul", "max_pool2d", "maximum", "mean",
+    "mse_loss", "mul", "neg", "pow", "relu", "reshape", "sigmoid", "slice", "softmax", "softmax_cross_entropy",
+    "sqrt", "square", "sub", "sum", "svm_loss", "tanh", "transpose",
+]
+
 __all__ = [
     "Client", "ForwardResult", "GradgateError", "Graph", "OpInfo", "Session", "StepResult", "TensorSpec",
-    "Value", "connect", "constant", "data", "exp", "gradcheck", "init_params", "l2", "log", "maximum", "mean",
-    "optim", "relu", "reshape", "sigmoid", "softmax_cross_entropy", "spiral", "square", "sum", "svm_loss", "tanh",
-    "train", "transpose",
+    "Value", "connect", "data", "gradcheck", "init_params", "optim", "spiral", "train", *OPS,
 ]

@@ -103,9 +103,12 @@ class Client:
         make = self._channel.stream_stream if streaming else self._channel.stream_unary
         return make(path, _registered_method=True), ((("x-session-id", session_id),) if session_id else None)
 
-    def session(self, graph: Graph, params: Mapping[str, np.ndarray] | None = None) -> Session:
-        """Open a session on ``graph``; without ``params``, ``init_params(graph)``."""
-        return Session(self, graph, init_params(graph) if params is None else params)
+    def session(self, graph: Graph, params: Mapping[str, np.ndarray] | None = None,
+                buffers: Mapping[str, np.ndarray] | None = None) -> Session:
+        """Open a session on ``graph``; without ``params``, ``init_params(graph)``. ``buffers``:
+        initial state buffers (e.g. batchnorm statistics from an ONNX import); missing ones
+        take their op's default."""
+        return Session(self, graph, init_params(graph) if params is None else params, buffers)
 
     def list_ops(self) -> list[OpInfo]:
         response, _ = self.call("ListOps", pb.ListOpsRequest())

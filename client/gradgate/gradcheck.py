@@ -158,9 +158,12 @@ def _shape(shape: Sequence[int]) -> str:
 # -- running checks ---------------------------------------------------------------
 
 def check_session(sess: Session, batch: Mapping[str, Any], mode: str = "sparse",
-                  params: Mapping[str, Any] | None = None, **kwargs: Any) -> GradCheckReport:
-    """Check ``sess``'s gradients at ``batch``; see ``Session.gradient_check``."""
-    request = pb.GradientCheckRequest(session_id=sess.id, settings=settings(mode, **kwargs))
+                  params: Mapping[str, Any] | None = None, *, train: bool = True, forward_seed: int = 0,
+                  **kwargs: Any) -> GradCheckReport:
+    """Check ``sess``'s gradients at ``batch``; see ``Session.gradient_check``. ``train`` and
+    ``forward_seed`` are the checked forward's mode and random-op seed (``seed`` picks coordinates)."""
+    request = pb.GradientCheckRequest(session_id=sess.id, settings=settings(mode, **kwargs), seed=forward_seed,
+                                      mode=graph_pb2.MODE_TRAIN if train else graph_pb2.MODE_EVAL)
     response, _ = sess._call("GradientCheck", request, inputs=sess._cast(batch), params=sess._cast(params))
     return GradCheckReport.from_proto(response.result)
 
@@ -173,7 +176,7 @@ def check(client: Client, graph: Graph | graph_pb2.Graph, params: Mapping[str, A
 
 def run_case(client: Client, case: gradcheck_pb2.GradCheckCase) -> GradCheckReport:
     """Run one saved case on ``client``'s server."""
-    request = pb.GradientCheckRequest(graph=case.graph, settings=case.settings)
+    request = pb.GradientCheckRequest(graph=case.graph, settings=case.settings, mode=case.mode, seed=case.seed)
     request.params.MergeFrom(case.params)
     request.inputs.MergeFrom(case.inputs)
     return GradCheckReport.from_proto(client.call("GradientCheck", request)[0].result)

@@ -62,6 +62,11 @@ class Value:
     def __matmul__(self, other: Any) -> Value: return _node("matmul", self, other)
     def __rmatmul__(self, other: Any) -> Value: return _node("matmul", other, self)
     def __neg__(self) -> Value: return _node("neg", self)
+    def __abs__(self) -> Value: return _node("abs", self)
+
+    def __pow__(self, exponent: float) -> Value:
+        """``x ** 2``: a constant exponent (the pow op)."""
+        return pow(self, exponent)
 
 
 class Graph:
@@ -120,16 +125,22 @@ class Graph:
         return list(self._outputs)
 
     def _adopt(self, v: Value) -> None:
-        """Add ``v`` and the nodes it depends on, if they were built without a graph."""
-        if v.graph is self:
-            return
-        if v.graph is not None:
-            raise ValueError(f"{v.name!r} belongs to another graph")
-        for i in v.inputs:
-            self._adopt(i)
-        v.graph = self
-        v.name = v.name or f"{v.op}_{len(self._nodes)}"
-        self._nodes.append(v)
+        """Add ``v`` and the nodes it depends on, if they were built without a graph,
+        inputs first (an explicit stack: a chain of thousands of ops is fine)."""
+        stack = [(v, False)]
+        while stack:
+            u, inputs_done = stack.pop()
+            if u.graph is self:
+                continue
+            if u.graph is not None:
+                raise ValueError(f"{u.name!r} belongs to another graph")
+            if inputs_done:
+                u.graph = self
+                u.name = u.name or f"{u.op}_{len(self._nodes)}"
+                self._nodes.append(u)
+            else:
+                stack.append((u, True))
+                stack.extend((i, False) for i in reversed(u.inputs))
 
     def to_proto(self) -> graph_pb2.Graph:
         msg = graph_pb2.Graph(loss=self.loss.name if self.loss else "",
@@ -142,6 +153,15 @@ class Graph:
             for key, attr in v.attrs.items():
                 value_to_attr(attr, node.attrs[key])
         return msg
+
+    @staticmethod
+    def from_onnx(model: Any, loss: Any = None, *, target: str = "target", batch: bool = True,
+                  dtype: str | None = None) -> Any:
+        """Import an ONNX model: ``graph, params, buffers = gg.Graph.from_onnx("net.onnx", loss="mse_loss")``.
+
+        Needs ``pip install 'gradgate[onnx]'``; see gradgate.onnx.from_onnx for the arguments."""
+        from gradgate.onnx import from_onnx  # onnx is an optional dependency
+        return from_onnx(model, loss, target=target, batch=batch, dtype=dtype)
 
     @classmethod
     def from_proto(cls, msg: graph_pb2.Graph) -> Graph:
@@ -190,6 +210,17 @@ def _axes(axis: int | Iterable[int] | None) -> tuple[int, ...] | None:
     if axis is None:
         return None
     return tuple(int(a) for a in axis) if isinstance(axis, Iterable) else (int(axis),)
+
+
+def _ints(value: int | Iterable[int] | None) -> int | tuple[int, ...] | None:
+    """An int stays an int (e.g. stride=2); a sequence becomes a tuple (stride=(2, 1))."""
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def constant(value: Any, name: str | None = None) -> Value:
@@ -260,3 +291,140 @@ def svm_loss(scores: Value, labels: Value, margin: float = 1.0, name: str | None
 def l2(w: Value, name: str | None = None) -> Value:
     """sum(w * w), for weight decay."""
     return _node("l2", w, name=name)
+
+
+# -- the rest of the registry, one function per op (same names and attributes as ListOps) --------
+
+def add(x: Value | float, y: Value | float, name: str | None = None) -> Value:
+    """x + y, broadcasting."""
+    return _node("add", x, y, name=name)
+
+
+def sub(x: Value | float, y: Value | float, name: str | None = None) -> Value:
+    """x - y, broadcasting."""
+    return _node("sub", x, y, name=name)
+
+
+def mul(x: Value | float, y: Value | float, name: str | None = None) -> Value:
+    """x * y, broadcasting."""
+    return _node("mul", x, y, name=name)
+
+
+def div(x: Value | float, y: Value | float, name: str | None = None) -> Value:
+    """x / y, broadcasting."""
+    return _node("div", x, y, name=name)
+
+
+def neg(x: Value, name: str | None = None) -> Value:
+    return _node("neg", x, name=name)
+
+
+def matmul(a: Value, b: Value, name: str | None = None) -> Value:
+    """``a @ b`` with numpy's rules: (..., n, k) @ (..., k, m), leading axes broadcast, 1-D promoted."""
+    return _node("matmul", a, b, name=name)
+
+
+def affine(x: Value, w: Value, b: Value, name: str | None = None) -> Value:
+    """A fully connected layer, x @ w + b: x (..., D), w (D, M), b (M,)."""
+    return _node("affine", x, w, b, name=name)
+
+
+def conv2d(x: Value, w: Value, b: Value | None = None, stride: int | Iterable[int] = 1,
+           padding: int | Iterable[int] = 0, dilation: int | Iterable[int] = 1, groups: int = 1,
+           name: str | None = None) -> Value:
+    """2-D convolution of NCHW ``x`` (N, C, H, W) with ``w`` (F, C/groups, kh, kw) and optional bias (F,).
+
+    ``padding``: p, (ph, pw) or (top, left, bottom, right); ``stride``, ``dilation``: s or (sh, sw)."""
+    inputs = (x, w) if b is None else (x, w, b)
+    return _node("conv2d", *inputs, name=name, stride=_ints(stride), padding=_ints(padding),
+                 dilation=_ints(dilation), groups=int(groups))
+
+
+def max_pool2d(x: Value, kernel: int | Iterable[int] = 2, stride: int | Iterable[int] | None = None,
+               padding: int | Iterable[int] = 0, dilation: int | Iterable[int] = 1,
+               name: str | None = None) -> Value:
+    """Max over ``kernel`` windows of NCHW ``x``; ``stride`` None = ``kernel``."""
+    return _node("max_pool2d", x, name=name, kernel=_ints(kernel), stride=_ints(stride), padding=_ints(padding),
+                 dilation=_ints(dilation))
+
+
+def avg_pool2d(x: Value, kernel: int | Iterable[int] = 2, stride: int | Iterable[int] | None = None,
+               padding: int | Iterable[int] = 0, count_include_pad: bool = True, name: str | None = None) -> Value:
+    """Mean over ``kernel`` windows of NCHW ``x``; ``stride`` None = ``kernel``; ``count_include_pad``:
+    padded zeros count in the divisor (PyTorch's default)."""
+    return _node("avg_pool2d", x, name=name, kernel=_ints(kernel), stride=_ints(stride), padding=_ints(padding),
+                 count_include_pad=bool(count_include_pad))
+
+
+def batchnorm(x: Value, gamma: Value, beta: Value, momentum: float = 0.9, eps: float = 1e-5,
+              name: str | None = None) -> Value:
+    """Batch normalization per channel (axis 1) of (N, C) or (N, C, H, W) ``x``.
+
+    Keeps running statistics as session buffers "<name>.running_mean" / "<name>.running_var":
+    train mode updates them (``running = momentum * running + (1 - momentum) * batch``, PyTorch's
+    momentum 0.1), eval mode normalizes with them. Name the node to name its buffers."""
+    return _node("batchnorm", x, gamma, beta, name=name, momentum=float(momentum), eps=float(eps))
+
+
+def layernorm(x: Value, gamma: Value, beta: Value, eps: float = 1e-5, axis: int = -1,
+              name: str | None = None) -> Value:
+    """Layer normalization over the dimensions from ``axis`` (default the last); gamma, beta of their shape."""
+    return _node("layernorm", x, gamma, beta, name=name, eps=float(eps), axis=int(axis))
+
+
+def dropout(x: Value, p: float = 0.5, name: str | None = None) -> Value:
+    """Inverted dropout in train mode (masks from the batch's seed and the node); identity in eval mode."""
+    return _node("dropout", x, name=name, p=float(p))
+
+
+def softmax(x: Value, axis: int = -1, name: str | None = None) -> Value:
+    return _node("softmax", x, name=name, axis=int(axis))
+
+
+def log_softmax(x: Value, axis: int = -1, name: str | None = None) -> Value:
+    return _node("log_softmax", x, name=name, axis=int(axis))
+
+
+def flatten(x: Value, axis: int = 1, name: str | None = None) -> Value:
+    """To 2-D: (N, C, H, W) -> (N, C*H*W) at axis 1 (ONNX Flatten)."""
+    return _node("flatten", x, name=name, axis=int(axis))
+
+
+def concat(xs: Iterable[Value], axis: int = -1, name: str | None = None) -> Value:
+    """Join values along ``axis``; the other dimensions must match."""
+    return _node("concat", *xs, name=name, axis=int(axis))
+
+
+def slice(x: Value, starts: Iterable[int], ends: Iterable[int], axes: Iterable[int] | None = None,
+          steps: Iterable[int] | None = None, name: str | None = None) -> Value:
+    """``x[starts:ends:steps]`` along ``axes`` (default the first len(starts) axes), Python/ONNX semantics."""
+    return _node("slice", x, name=name, starts=_axes(starts), ends=_axes(ends), axes=_axes(axes),
+                 steps=_axes(steps))
+
+
+def clip(x: Value, min: float | None = None, max: float | None = None, name: str | None = None) -> Value:
+    """x limited to [min, max]; None leaves that side open."""
+    return _node("clip", x, name=name, min=_float(min), max=_float(max))
+
+
+def abs(x: Value, name: str | None = None) -> Value:
+    return _node("abs", x, name=name)
+
+
+def pow(x: Value, exponent: float, name: str | None = None) -> Value:
+    """x ** exponent for a constant exponent."""
+    return _node("pow", x, name=name, exponent=float(exponent))
+
+
+def sqrt(x: Value, name: str | None = None) -> Value:
+    return _node("sqrt", x, name=name)
+
+
+def mse_loss(pred: Value, target: Value, name: str | None = None) -> Value:
+    """Mean of (pred - target)**2 over all elements."""
+    return _node("mse_loss", pred, target, name=name)
+
+
+def bce_with_logits(logits: Value, target: Value, name: str | None = None) -> Value:
+    """Mean binary cross-entropy of sigmoid(logits) against targets in [0, 1]."""
+    return _node("bce_with_logits", logits, target, name=name)

@@ -25,7 +25,7 @@ from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.gradcheck import GradCheckReport, check_session
 from gradgate.graph import Graph, TensorSpec
 from gradgate.v1 import gradient_service_pb2 as pb
-from gradgate.v1 import train_pb2
+from gradgate.v1 import graph_pb2, train_pb2
 
 if TYPE_CHECKING:
     from gradgate.client import Client
@@ -56,12 +56,13 @@ class StepResult:
 class Session:
     """A server session; use ``Client.session`` to open one. Arrays returned are read-only."""
 
-    def __init__(self, client: Client, graph: Graph, params: Arrays):
+    def __init__(self, client: Client, graph: Graph, params: Arrays, buffers: Arrays | None = None):
         self.client, self.graph = client, graph
         self._dtypes = {v.name: v.dtype for v in (*graph.inputs, *graph.params)}
         self._closed = False
         self._graph = graph.to_proto()
         self._params = self._cast(params)  # what the server holds: all we need to re-create it
+        self._buffers = {k: np.asarray(v, graph.dtype) for k, v in (buffers or {}).items()}  # ... and the state
         # the call whose activations the server caches: (method, request, arrays), and its forward id;
         # each thread also keeps the id of its own last forward, which its backward() names
         self._last_forward: tuple[str, Any, dict[str, Any]] | None = None
@@ -73,10 +74,13 @@ class Session:
         # what the server inferred for every value, in topological order
         self.values: dict[str, TensorSpec] = {
             v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.values}
+        # the graph's state buffers ("<node>.running_mean", ...): updated by train-mode forwards
+        self.buffer_specs: dict[str, TensorSpec] = {
+            v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.buffers}
 
     def _create(self) -> Any:
         response, _ = self.client.call("CreateSession", pb.CreateSessionRequest(graph=self._graph),
-                                       params=self._params)
+                                       params=self._params, buffers=self._buffers)
         self.id: str = response.session_id
         return response
 
@@ -105,23 +109,28 @@ class Session:
         return self.client.call(method, request, self.id, **arrays)
 
     def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any, dict[str, Any]] | None,
-              forward_id: int = 0) -> None:
-        """After a successful call: the server now holds ``params`` and the activations of ``forward``."""
+              forward_id: int = 0, buffers: dict[str, np.ndarray] | None = None) -> None:
+        """After a successful call: the server now holds ``params``, ``buffers`` and the activations
+        of ``forward``."""
         if params:
             self._params.update(params)
+        if buffers:
+            self._buffers.update(buffers)
         self._last_forward, self._forward_id = forward, forward_id
         self._thread.forward_id = forward_id
 
     def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
-                params: Arrays | None = None) -> ForwardResult:
+                params: Arrays | None = None, *, train: bool = True, seed: int = 0) -> ForwardResult:
         """Set ``params`` (if any), run forward on ``batch`` and cache the activations.
 
         ``outputs`` names the nodes to return; None returns the graph's declared outputs.
+        ``train=False`` runs in eval mode (batchnorm uses its running statistics, dropout is
+        off); ``seed`` seeds random ops (dropout), so the same seed gives the same masks.
         """
-        request = pb.ForwardRequest(session_id=self.id, outputs=outputs or ())
+        request = pb.ForwardRequest(session_id=self.id, outputs=outputs or (), mode=_mode(train), seed=seed)
         arrays = {"inputs": self._cast(batch), "params": self._cast(params)}
         response, got = self._call("Forward", request, **arrays)
-        self._sent(arrays["params"], ("Forward", request, arrays), response.forward_id)
+        self._sent(arrays["params"], ("Forward", request, arrays), response.forward_id, got.get("buffers"))
         return ForwardResult(response.loss, got["outputs"])
 
     def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
@@ -133,19 +142,26 @@ class Session:
         return _grads(self._call("Backward", request)[1])
 
     def forward_backward(self, batch: Arrays, params: Arrays | None = None,
-                         outputs: Sequence[str] | None = None, inputs: bool = False) -> StepResult:
-        """forward then backward in one round trip; ``loss, grads = sess.forward_backward(batch)``."""
-        request = pb.ForwardBackwardRequest(session_id=self.id, outputs=outputs or (), input_grads=inputs)
+                         outputs: Sequence[str] | None = None, inputs: bool = False, *, train: bool = True,
+                         seed: int = 0) -> StepResult:
+        """forward then backward in one round trip; ``loss, grads = sess.forward_backward(batch)``.
+        ``train`` and ``seed`` as in ``forward``."""
+        request = pb.ForwardBackwardRequest(session_id=self.id, outputs=outputs or (), input_grads=inputs,
+                                            mode=_mode(train), seed=seed)
         arrays = {"inputs": self._cast(batch), "params": self._cast(params)}
         response, got = self._call("ForwardBackward", request, **arrays)
-        self._sent(arrays["params"], ("ForwardBackward", request, arrays), response.forward_id)
+        self._sent(arrays["params"], ("ForwardBackward", request, arrays), response.forward_id, got.get("buffers"))
         return StepResult(response.loss, _grads(got), got["outputs"])
 
-    def set_params(self, params: Arrays) -> None:
-        """Replace any subset of the parameters."""
+    def set_params(self, params: Arrays | None = None, buffers: Arrays | None = None) -> None:
+        """Replace any subset of the parameters and of the state buffers."""
         params = self._cast(params)
-        self._call("SetParameters", pb.SetParametersRequest(session_id=self.id), params=params)
-        self._sent(params, None)  # the server dropped its cached forward too
+        state = {k: np.asarray(v, self.graph.dtype) for k, v in (buffers or {}).items()}
+        self._call("SetParameters", pb.SetParametersRequest(session_id=self.id), params=params, buffers=state)
+        if params:
+            self._sent(params, None, buffers=state)  # the server dropped its cached forward too
+        else:
+            self._buffers.update(state)
 
     def upload(self, data: Arrays, chunk_bytes: int = 4 * 2**20) -> int:
         """Store ``data`` ({input name: rows}) in the session for training on the server, in
@@ -214,15 +230,26 @@ class Session:
         """The named parameters, or all of them."""
         return self._call("GetParameters", pb.GetParametersRequest(session_id=self.id, names=names or ()))[1]["params"]
 
-    def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None,
-                       **settings: Any) -> GradCheckReport:
+    def get_buffers(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The named state buffers (e.g. "bn1.running_mean"), or all of them."""
+        if not names and not self.buffer_specs:
+            return {}
+        request = pb.GetParametersRequest(session_id=self.id, names=names or list(self.buffer_specs))
+        buffers = self._call("GetParameters", request)[1]["buffers"]
+        self._buffers.update(buffers)
+        return buffers
+
+    def gradient_check(self, batch: Arrays, mode: str = "sparse", params: Arrays | None = None, *,
+                       train: bool = True, forward_seed: int = 0, **settings: Any) -> GradCheckReport:
         """Compare the analytic gradients at ``batch`` with centered differences, on the server in float64.
 
         ``mode`` is sparse | full | fast; ``params`` overrides parameter values for this check only;
-        ``settings`` are gradgate.gradcheck.settings's (eps, atol, rtol, num_checks, seed, wrt,
-        include_inputs, max_worst). The session's parameters and cached forward are left as they were.
+        ``train`` and ``forward_seed`` are the forward's mode and dropout seed (the masks stay fixed
+        while coordinates move); ``settings`` are gradgate.gradcheck.settings's (eps, atol, rtol,
+        num_checks, seed, wrt, include_inputs, max_worst). The session's parameters, buffers and
+        cached forward are left as they were.
         """
-        return check_session(self, batch, mode, params, **settings)
+        return check_session(self, batch, mode, params, train=train, forward_seed=forward_seed, **settings)
 
     def close(self) -> None:
         """Free the session on the server. Closing twice, or a session the server already
@@ -241,6 +268,10 @@ class Session:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _mode(train: bool) -> Any:
+    return graph_pb2.MODE_TRAIN if train else graph_pb2.MODE_EVAL
 
 
 def _grads(arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

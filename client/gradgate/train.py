@@ -80,7 +80,9 @@ def _client_driven(sess: Session, data: dict[str, np.ndarray], optimizer: Optimi
     n = len(next(iter(data.values())))
     params = run.params
     for rows in schedule.batches(n, batch_size, epochs, seed, run.step):
-        loss, grads = sess.forward_backward({name: a[rows] for name, a in data.items()}, params=params)
+        # a new seed per step: fresh dropout masks, and the same ones when a run is repeated
+        loss, grads = sess.forward_backward({name: a[rows] for name, a in data.items()}, params=params,
+                                            seed=seed * 1_000_003 + run.step)
         params = optimizer.step(params, grads)
         run.step += 1
         run.losses.append(loss)

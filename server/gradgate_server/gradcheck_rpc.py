@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from gradgate.v1 import gradcheck_pb2
+from gradgate.v1 import gradcheck_pb2, graph_pb2
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from .config import Config
@@ -71,6 +71,7 @@ def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, di
     settings = settings_from_proto(request.settings)
     inputs, given = arrays["inputs"], arrays["params"]
     subject = request.WhichOneof("subject")
+    buffers: dict[str, np.ndarray] = {}
     if subject == "graph":
         plan = compile_graph(request.graph, max_nodes=config.max_nodes)
         check_params(plan, given)
@@ -80,8 +81,10 @@ def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, di
             plan = session.plan
             check_params(plan, given, complete=False)
             params = {**session.params, **given}
+            buffers = session.buffers
     else:
         raise InvalidArgument("set session_id to check a session, or graph (with params) to check inline",
                               "session_id")
     check_batch(plan, inputs)  # against the declared dtypes, before the check widens them to float64
-    return result_to_proto(gradient_check(plan, inputs, params, settings, deadline, on_step))
+    return result_to_proto(gradient_check(plan, inputs, params, settings, deadline, on_step, buffers=buffers,
+                                          train=request.mode != graph_pb2.MODE_EVAL, seed=request.seed))

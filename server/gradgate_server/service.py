@@ -17,12 +17,13 @@ from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import graph_pb2
 
 from .config import Config
-from .engine import OPS, DeadlineExceeded, InvalidArgument, Plan, Tape, backward, check_params, compile_graph, forward
+from .engine import (OPS, DeadlineExceeded, InvalidArgument, Plan, Tape, backward, check_buffers, check_params,
+                     compile_graph, forward, full_buffers)
 from .engine.ops import REQUIRED
 from .gradcheck_rpc import run_gradient_check
 from .metrics import Metrics
 from .rpc import Call
-from .sessions import Session, SessionStore
+from .sessions import KEEP, Session, SessionStore
 from .training import Training
 
 
@@ -66,8 +67,13 @@ class GradientService:
         if params:
             check_params(session.plan, params, complete=False)
         tape = forward(session.plan, call.arrays["inputs"], {**session.params, **params} if params else session.params,
-                       call.deadline, self.watch(call.context, "forward"))
+                       session.buffers, train=call.msg.mode != graph_pb2.MODE_EVAL, seed=call.msg.seed,
+                       deadline=call.deadline, on_step=self.watch(call.context, "forward"))
         return tape, params
+
+    def _buffers(self, session: Session, tape: Tape) -> dict[str, np.ndarray] | None:
+        """Every state buffer after ``tape``'s forward (None for a graph without any)."""
+        return {**session.buffers, **tape.updates} if session.plan.buffers else None
 
     def _outputs(self, plan: Plan, tape: Tape, requested: Iterable[str]) -> dict[str, np.ndarray]:
         names = list(requested) or plan.outputs
@@ -93,19 +99,23 @@ class GradientService:
 
     def CreateSession(self, call: Call) -> bytes:
         plan = compile_graph(call.msg.graph, max_nodes=self.config.max_nodes)
-        params = call.arrays["params"]
+        params, buffers = call.arrays["params"], call.arrays["buffers"]
         check_params(plan, params)
-        session = self.store.create(plan, params)
+        check_buffers(plan, buffers)
+        session = self.store.create(plan, params, full_buffers(plan, buffers))
         call.session_id = session.id
-        return call.reply(pb.CreateSessionResponse(session_id=session.id, values=value_infos(plan),
-                                                   parameter_count=plan.parameter_count, ttl_seconds=self.store.ttl))
+        return call.reply(pb.CreateSessionResponse(
+            session_id=session.id, values=value_infos(plan), parameter_count=plan.parameter_count,
+            ttl_seconds=self.store.ttl, buffers=[graph_pb2.ValueInfo(name=b.name, dtype=DTYPE_NAMES[b.dtype.name],
+                                                                     shape=b.shape) for b in plan.buffers]))
 
     def Forward(self, call: Call) -> bytes:
         with self.store.use(call.msg.session_id) as session:
             tape, params = self._forward(session, call)
             reply = call.reply(pb.ForwardResponse(loss=tape.loss, forward_id=session.forwards + 1),
-                               outputs=self._outputs(session.plan, tape, call.msg.outputs))
-            self.store.commit(session, params=params, tape=tape)
+                               outputs=self._outputs(session.plan, tape, call.msg.outputs),
+                               buffers=self._buffers(session, tape))
+            self.store.commit(session, params=params, buffers=tape.updates, tape=tape)
         self._ran(tape)
         return reply
 
@@ -121,26 +131,31 @@ class GradientService:
             param_grads, input_grads = self._grads(session, tape, call.msg.input_grads, call)
             reply = call.reply(pb.ForwardBackwardResponse(loss=tape.loss, forward_id=session.forwards + 1),
                                outputs=self._outputs(session.plan, tape, call.msg.outputs),
-                               param_grads=param_grads, input_grads=input_grads)
-            self.store.commit(session, params=params, tape=tape)
+                               param_grads=param_grads, input_grads=input_grads, buffers=self._buffers(session, tape))
+            self.store.commit(session, params=params, buffers=tape.updates, tape=tape)
         self._ran(tape)
         return reply
 
     def SetParameters(self, call: Call) -> bytes:
         with self.store.use(call.msg.session_id) as session:
-            check_params(session.plan, call.arrays["params"], complete=False)
+            params, buffers = call.arrays["params"], call.arrays["buffers"]
+            check_params(session.plan, params, complete=False)
+            check_buffers(session.plan, buffers)
             reply = call.reply(pb.SetParametersResponse())
-            self.store.commit(session, params=call.arrays["params"], tape=None)  # the cached forward used the old values
+            # new parameters invalidate the cached forward; buffers do not (backward reads its residuals)
+            self.store.commit(session, params=params, buffers=buffers, tape=None if params else KEEP)
         return reply
 
     def GetParameters(self, call: Call) -> bytes:
         with self.store.use(call.msg.session_id) as session:
-            names = list(call.msg.names) or list(session.params)
-            unknown = [n for n in names if n not in session.params]
+            names = list(call.msg.names) or [*session.params, *session.buffers]
+            unknown = [n for n in names if n not in session.params and n not in session.buffers]
             if unknown:
-                raise InvalidArgument(f"unknown parameter(s) {unknown}; parameters: {sorted(session.params)}",
-                                      "names")
-            return call.reply(pb.GetParametersResponse(), params={n: session.params[n] for n in names})
+                raise InvalidArgument(f"unknown parameter(s) {unknown}; parameters: {sorted(session.params)}"
+                                      + (f", buffers: {sorted(session.buffers)}" if session.buffers else ""), "names")
+            return call.reply(pb.GetParametersResponse(),
+                              params={n: session.params[n] for n in names if n in session.params},
+                              buffers={n: session.buffers[n] for n in names if n in session.buffers})
 
     def CloseSession(self, call: Call) -> bytes:
         self.store.close(call.msg.session_id)

@@ -104,7 +104,8 @@ class Training:
             for rows in steps:
                 if not context.is_active():
                     raise DeadlineExceeded(f"the Train call ended (cancelled or past its deadline) at step {step}")
-                losses.append(self._step(start.session_id, rows, optimizer, context))
+                # the seed gg.train sends with the same step, so both loops draw the same dropout masks
+                losses.append(self._step(start.session_id, rows, optimizer, context, start.seed * 1_000_003 + step))
                 step += 1
                 if sync.is_set() or (start.sync_every and step % start.sync_every == 0):
                     sync.clear()
@@ -166,12 +167,13 @@ class Training:
         return steps, optimizer
 
     def _step(self, session_id: str, rows: np.ndarray | slice, optimizer: optim.SGD | optim.Adam,
-              context: grpc.ServicerContext) -> float:
+              context: grpc.ServicerContext, seed: int) -> float:
         with self.store.use(session_id) as session:
             plan = session.plan
-            tape = forward(plan, {name: column[rows] for name, column in session.data.items()}, session.params)
+            tape = forward(plan, {name: column[rows] for name, column in session.data.items()}, session.params,
+                           session.buffers, seed=seed)
             grads = backward(plan, tape, plan.params)
-            self.store.commit(session, params=optimizer.step(session.params, grads), tape=None)
+            self.store.commit(session, params=optimizer.step(session.params, grads), buffers=tape.updates, tape=None)
         self.metrics.examples_processed(tape.batch_size)
         self.metrics.check_finite("loss", (tape.loss,))
         return tape.loss

@@ -1,11 +1,16 @@
 """Graph message -> Plan: validate everything once, so a step does no checking.
 
 Slots number every value: declared inputs, then parameters, then nodes in Kahn
-topological order. A Plan is immutable apart from its gradient-mask cache.
+topological order. A Plan is immutable apart from its gradient-mask cache. State
+buffers (batchnorm's running statistics) are named "<node>.<buffer>" and described
+by the plan; their values live with the session, outside it.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +32,22 @@ class Step:
     args: tuple[int, ...]  # input slots
     out: int  # output slot
     attrs: dict[str, Any]
+    vjps: tuple[Callable[..., Any] | None, ...]  # one per arg (a variadic op's rule bound to each index)
+    buffers: tuple[tuple[str, str], ...] = ()  # (the op's buffer name, the plan's "<node>.<buffer>")
+    key: int = 0  # stable per node name: with the batch's seed, it seeds the node's random numbers
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A state buffer: ``name`` is "<node>.<buffer>"; ``init`` fills its initial value."""
+
+    name: str
+    shape: Shape
+    dtype: np.dtype
+    init: float
+
+    def initial(self) -> np.ndarray:
+        return np.full(self.shape, self.init, self.dtype)
 
 
 @dataclass
@@ -41,6 +62,7 @@ class Plan:
     loss: int
     outputs: tuple[str, ...]
     slot: dict[str, int]
+    buffers: tuple[Buffer, ...] = ()
     _masks: dict[frozenset[int], tuple[tuple[bool, ...], ...]] = field(default_factory=dict, repr=False)
 
     @property
@@ -64,7 +86,7 @@ class Plan:
             reaches = [s in wrt for s in range(len(self.names))]
             for step in self.steps:
                 reaches[step.out] = any(reaches[a] for a in step.args)
-            masks = tuple(tuple(reaches[a] and vjp is not None for a, vjp in zip(step.args, step.op.vjps))
+            masks = tuple(tuple(reaches[a] and vjp is not None for a, vjp in zip(step.args, step.vjps))
                           for step in self.steps)
             self._masks[wrt] = masks
         return masks
@@ -172,8 +194,11 @@ def compile_graph(graph: graph_pb2.Graph, dtype: Any = None, max_nodes: int | No
         if op is None:
             raise _error(f"node {node.name!r}: unknown op {node.op!r}; known ops: {', '.join(sorted(OPS))}",
                          f"{where}.op")
-        if len(node.inputs) != len(op.inputs):
-            raise _error(f"node {node.name!r} ({op.name}) takes {len(op.inputs)} input(s) "
+        if op.variadic and not node.inputs:
+            raise _error(f"node {node.name!r} ({op.name}) takes one or more inputs, got none", f"{where}.inputs")
+        if not op.variadic and not len(op.inputs) - op.optional <= len(node.inputs) <= len(op.inputs):
+            count = (f"{len(op.inputs) - op.optional} to {len(op.inputs)}" if op.optional else len(op.inputs))
+            raise _error(f"node {node.name!r} ({op.name}) takes {count} input(s) "
                          f"{list(op.inputs)}, got {len(node.inputs)}", f"{where}.inputs")
         for j, inp in enumerate(node.inputs):
             if inp not in known:
@@ -184,12 +209,14 @@ def compile_graph(graph: graph_pb2.Graph, dtype: Any = None, max_nodes: int | No
     order = _topological_order(graph)
     slot = {name: s for s, name in enumerate(names)}
     steps = []
+    buffers: list[Buffer] = []
     for i in order:
         node, op = graph.nodes[i], ops[i]
         where = f"graph.nodes[{i}]"
         attrs = _attrs(op, node, where, float_dtype)
         args = tuple(slot[inp] for inp in node.inputs)
-        for j, (arg, in_name) in enumerate(zip(args, op.inputs)):
+        in_names = op.inputs * len(args) if op.variadic else op.inputs
+        for j, (arg, in_name) in enumerate(zip(args, in_names)):
             got = dtypes[arg]
             ok = got.kind == "i" if in_name in op.int_inputs else (got == float_dtype or not op.float_only)
             if not ok:
@@ -207,8 +234,20 @@ def compile_graph(graph: graph_pb2.Graph, dtype: Any = None, max_nodes: int | No
             out_dtype = float_dtype
         else:
             out_dtype = dtypes[args[0]]
+        step_buffers = []
+        if op.buffers is not None:
+            for local, (buffer_shape, init) in op.buffers(*(shapes[a] for a in args), **attrs).items():
+                full = f"{node.name}.{local}"
+                if full in known:
+                    raise _error(f"node {node.name!r} ({op.name}): its state buffer {full!r} has the name "
+                                 "of another value; rename one", f"{where}.name")
+                known.add(full)
+                buffers.append(Buffer(full, tuple(buffer_shape), float_dtype, init))
+                step_buffers.append((local, full))
+        vjps = _bind(op.vjps[0], len(args)) if op.variadic else op.vjps
         slot[node.name] = len(names)
-        steps.append(Step(node.name, op, args, len(names), attrs))
+        steps.append(Step(node.name, op, args, len(names), attrs, vjps[:len(args)], tuple(step_buffers),
+                          _key(node.name) if op.random else 0))
         names.append(node.name)
         dtypes.append(np.dtype(out_dtype))
         shapes.append(shape)
@@ -224,7 +263,17 @@ def compile_graph(graph: graph_pb2.Graph, dtype: Any = None, max_nodes: int | No
         if out not in slot:
             raise _error(f"output {out!r} is not a value of the graph", f"graph.outputs[{j}]")
     return Plan(float_dtype, tuple(names), tuple(dtypes), tuple(shapes), len(graph.inputs),
-                len(graph.params), tuple(steps), loss, tuple(graph.outputs), slot)
+                len(graph.params), tuple(steps), loss, tuple(graph.outputs), slot, tuple(buffers))
+
+
+def _bind(vjp: Callable[..., Any] | None, count: int) -> tuple[Callable[..., Any] | None, ...]:
+    """A variadic op's rule vjp(i, g, *residuals), bound to each input index."""
+    return tuple(None if vjp is None else functools.partial(vjp, i) for i in range(count))
+
+
+def _key(name: str) -> int:
+    """64 bits from the node name: random ops differ per node and stay put when the graph is edited."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
 def _topological_order(graph: graph_pb2.Graph) -> list[int]:

@@ -11,6 +11,10 @@ written: the perturbed tensor is a private copy.
 Modes: ``full`` (every coordinate), ``sparse`` (seeded random coordinates per
 tensor, CS231n ``grad_check_sparse``), ``fast`` (one random direction per tensor,
 torch.autograd.gradcheck's fast mode).
+
+The forward's mode, seed and buffers hold for every perturbation: dropout masks
+come from (seed, node), so they stay fixed while coordinates move, and buffer
+updates of the perturbed passes are dropped.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 
 from .compile import FLOATS, Plan, Step
 from .errors import InvalidArgument
-from .run import Tape, backward, forward, run_steps
+from .run import State, Tape, backward, forward, full_buffers, run_steps
 
 MODES = ("sparse", "full", "fast")
 F64 = np.dtype("<f8")
@@ -109,8 +113,9 @@ def promote(plan: Plan) -> Plan:
     steps = tuple(dataclasses.replace(s, attrs={**s.attrs, "value": s.attrs["value"].astype(F64)})
                   if s.op.name == "constant" and s.attrs["value"].dtype.kind == "f" else s
                   for s in plan.steps)
-    return Plan(F64, plan.names, tuple(F64 if d in FLOATS else d for d in plan.dtypes), plan.shapes,
-                plan.n_inputs, plan.n_params, steps, plan.loss, plan.outputs, plan.slot)
+    return dataclasses.replace(plan, dtype=F64, dtypes=tuple(F64 if d in FLOATS else d for d in plan.dtypes),
+                               steps=steps, buffers=tuple(dataclasses.replace(b, dtype=F64) for b in plan.buffers),
+                               _masks={})
 
 
 def downstream(plan: Plan, slot: int) -> tuple[Step, ...]:
@@ -126,24 +131,28 @@ def downstream(plan: Plan, slot: int) -> tuple[Step, ...]:
 
 def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
                    settings: CheckSettings = CheckSettings(), deadline: float | None = None,
-                   on_step: Callable[[str, float], None] | None = None) -> CheckReport:
+                   on_step: Callable[[str, float], None] | None = None, *,
+                   buffers: Mapping[str, np.ndarray] | None = None, train: bool = True,
+                   seed: int = 0) -> CheckReport:
     """Check ``plan``'s gradients at (``inputs``, ``params``), which must pass check_batch
-    and check_params for ``plan``. Runs in float64; reads the given arrays, never writes them.
+    and check_params for ``plan`` (``buffers`` check_buffers), in mode ``train`` with
+    random ops seeded by ``seed``. Runs in float64; reads the given arrays, never writes them.
 
     Non-finite values fail the tensor with a message naming it; they never raise."""
     settings.validate()
     plan = promote(plan)
     inputs = {k: _widen(v) for k, v in inputs.items()}
     params = {k: _widen(v) for k, v in params.items()}
+    buffers = {k: _widen(v) for k, v in full_buffers(plan, buffers).items()}
     slots = _selected(plan, settings)
-    tape = forward(plan, inputs, params, deadline, on_step)
+    tape = forward(plan, inputs, params, buffers, train=train, seed=seed, deadline=deadline, on_step=on_step)
     if not math.isfinite(tape.loss):
         where = _first_non_finite(plan, tape)
         return CheckReport(tuple(_unchecked(plan, tape, s, f"cannot check {plan.names[s]!r}: the forward loss is "
                                                      f"{tape.loss} ({where})") for s in slots),
                            tape.loss, settings, 0)
     grads = backward(plan, tape, slots, deadline, on_step)
-    checker = _Checker(plan, tape, settings, deadline, on_step)
+    checker = _Checker(plan, tape, settings, deadline, on_step, State(train, seed, buffers))
     tensors = tuple(checker.check(s, grads[plan.names[s]]) for s in slots)
     return CheckReport(tensors, tape.loss, settings, checker.numeric_steps)
 
@@ -186,15 +195,15 @@ class _Checker:
     """Numeric gradients of one base point, tensor by tensor."""
 
     def __init__(self, plan: Plan, tape: Tape, settings: CheckSettings, deadline: float | None,
-                 on_step: Callable[[str, float], None] | None):
-        self.plan, self.tape, self.settings = plan, tape, settings
+                 on_step: Callable[[str, float], None] | None, state: State):
+        self.plan, self.tape, self.settings, self.state = plan, tape, settings, state
         self.deadline, self.on_step = deadline, on_step
         self.numeric_steps = 0
 
     def _loss_at(self, slot: int, x: np.ndarray, steps: tuple[Step, ...]) -> float:
         values = list(self.tape.values)  # a new list: the base values are shared, never written
         values[slot] = x
-        run_steps(self.plan, values, steps, self.deadline, self.on_step)
+        run_steps(self.plan, values, steps, self.deadline, self.on_step, self.state)
         self.numeric_steps += len(steps)
         return float(values[self.plan.loss])
 

@@ -4,16 +4,21 @@ Forward computes every node in topological order and keeps its residuals (the
 CS231n ``cache``) on a Tape; backward seeds dloss/dloss = 1 and walks the steps in
 reverse, multiplying upstream gradients by local ones and accumulating with ``+``
 where a value fans out.
+
+A forward runs in train mode (batchnorm uses batch statistics and updates its
+running ones, dropout drops) or eval mode. State buffers are read from the given
+dict and never written: a train-mode forward returns their new values in
+``Tape.updates``, for the caller to commit once the call has succeeded.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compile import Plan
+from .compile import Plan, Step
 from .errors import DeadlineExceeded, InvalidArgument
 from .ops import BATCH, fmt, unbroadcast
 
@@ -26,6 +31,8 @@ class Tape:
     residuals: list[tuple]
     loss: float
     batch_size: int
+    updates: dict[str, np.ndarray] = field(default_factory=dict)  # new buffer values (train mode)
+    train: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -83,27 +90,82 @@ def check_batch(plan: Plan, inputs: Mapping[str, np.ndarray], field: str = "inpu
     return batch or 1
 
 
+def check_buffers(plan: Plan, buffers: Mapping[str, np.ndarray], field: str = "buffers") -> None:
+    """Every name a state buffer of the graph with its exact dtype and shape (any subset)."""
+    declared = {b.name: b for b in plan.buffers}
+    for name, value in buffers.items():
+        b = declared.get(name)
+        if b is None:
+            known = sorted(declared) if declared else "none (the graph has no stateful ops)"
+            raise InvalidArgument(f"{name!r} is not a state buffer of the graph; buffers: {known}",
+                                  f"{field}[{name!r}]")
+        if value.dtype != b.dtype or value.shape != b.shape:
+            raise InvalidArgument(f"buffer {name!r} must be {b.dtype.name} {fmt(b.shape)}, "
+                                  f"got {value.dtype.name} {fmt(value.shape)}", f"{field}[{name!r}]")
+
+
+@dataclass
+class State:
+    """What a pass needs besides values: the mode, the random seed, the buffers (read only)
+    and the new buffer values it computes."""
+
+    train: bool = True
+    seed: int = 0
+    buffers: Mapping[str, np.ndarray] = field(default_factory=dict)
+    updates: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def call(self, step: Step, args: list) -> tuple:
+        """Run a step whose op takes the mode, random numbers or buffers."""
+        op, kwargs = step.op, dict(step.attrs)
+        if op.train:
+            kwargs["train"] = self.train
+        if op.random:
+            kwargs["rng"] = np.random.default_rng([self.seed, step.key]) if self.train else None
+        if not step.buffers:
+            return op.forward(*args, **kwargs)
+        for local, name in step.buffers:
+            kwargs[local] = self.buffers[name]
+        out, res, new = op.forward(*args, **kwargs)
+        for local, name in step.buffers:
+            if local in new:
+                self.updates[name] = new[local]
+        return out, res
+
+
 # Optional per-step hook: called with (op name, seconds) after each step; it may raise
 # to stop the pass (the server uses it for metrics and to stop work for a cancelled call).
 OnStep = Callable[[str, float], None]
 
 
 def forward(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
+            buffers: Mapping[str, np.ndarray] | None = None, *, train: bool = True, seed: int = 0,
             deadline: float | None = None, on_step: OnStep | None = None) -> Tape:
-    """Run every step; ``inputs`` must pass check_batch, ``params`` check_params."""
+    """Run every step; ``inputs`` must pass check_batch, ``params`` check_params and
+    ``buffers`` check_buffers (missing ones take their initial values).
+
+    ``train`` selects the mode; ``seed`` (with each node's name) seeds random ops, so
+    the same seed gives the same dropout masks. New buffer values are in ``tape.updates``."""
     batch = check_batch(plan, inputs)
     values: list = [None] * len(plan.names)
     for s in plan.inputs:
         values[s] = inputs[plan.names[s]]
     for s in plan.params:
         values[s] = params[plan.names[s]]
-    residuals = run_steps(plan, values, plan.steps, deadline, on_step)
-    return Tape(values, residuals, float(values[plan.loss]), batch)
+    state = State(train, seed, full_buffers(plan, buffers))
+    residuals = run_steps(plan, values, plan.steps, deadline, on_step, state)
+    return Tape(values, residuals, float(values[plan.loss]), batch, state.updates, train)
 
 
-def run_steps(plan: Plan, values: list, steps: Iterable, deadline: float | None = None,
-              on_step: OnStep | None = None) -> list[tuple]:
+def full_buffers(plan: Plan, buffers: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Every buffer of the plan: the given value, else its initial one."""
+    buffers = buffers or {}
+    return {b.name: buffers[b.name] if b.name in buffers else b.initial() for b in plan.buffers}
+
+
+def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: float | None = None,
+              on_step: OnStep | None = None, state: State | None = None) -> list[tuple]:
     """Compute ``steps`` in order into ``values``; return their residuals."""
+    state = state or State(buffers=full_buffers(plan, None))
     residuals = []
     with np.errstate(all="ignore"):  # NaN/Inf are reported as values, not warnings
         for step in steps:
@@ -111,7 +173,11 @@ def run_steps(plan: Plan, values: list, steps: Iterable, deadline: float | None 
                 raise DeadlineExceeded(f"deadline passed before node {step.name!r}", step.name)
             start = time.perf_counter() if on_step is not None else 0.0
             try:
-                out, res = step.op.forward(*[values[a] for a in step.args], **step.attrs)
+                args = [values[a] for a in step.args]
+                if step.op.train or step.buffers:
+                    out, res = state.call(step, args)
+                else:
+                    out, res = step.op.forward(*args, **step.attrs)
             except (ValueError, IndexError, TypeError) as e:  # data-dependent, e.g. labels out of range
                 raise InvalidArgument(f"node {step.name!r} ({step.op.name}): {e}", step.name) from None
             if on_step is not None:
@@ -140,7 +206,7 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None 
                 raise DeadlineExceeded(f"deadline passed in backward at node {step.name!r}", step.name)
             start = time.perf_counter() if on_step is not None else 0.0
             res = tape.residuals[i]
-            for arg, vjp, wanted in zip(step.args, step.op.vjps, masks[i]):
+            for arg, vjp, wanted in zip(step.args, step.vjps, masks[i]):
                 if wanted:
                     gi = vjp(g, *res)  # type: ignore[misc]  # wanted is False where vjp is None
                     shape = tape.values[arg].shape
