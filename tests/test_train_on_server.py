@@ -21,7 +21,7 @@ from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import train_pb2
 from gradgate_server import Config, serve
 
-from obs import free_port
+from obs import Scrape, free_port
 from procs import ROOT, ServerProcess
 
 Code = grpc.StatusCode
@@ -180,10 +180,10 @@ def test_training_on_the_server_survives_sigkill_and_restart(caplog) -> None:
             done = threading.Event()
 
             def kill_and_restart() -> None:
-                deadline = time.monotonic() + 20
-                while server.in_flight("Train") < 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                time.sleep(0.3)  # some syncs in
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and \
+                        Scrape.of(server.metrics_address).value("gradgate_examples_processed_total") < 3000:
+                    time.sleep(0.01)  # 300 of the 1080 steps done: several syncs in
                 server.proc.send_signal(signal.SIGKILL)
                 server.proc.wait(10)
                 time.sleep(0.5)  # unreachable for a while

@@ -79,13 +79,16 @@ class Server:
         self._server.wait_for_termination()
 
     def _sweep(self) -> None:
-        freed = 0
+        """Expire idle sessions; hand memory that sessions gave back to the OS once 16 MiB
+        of it piles up, or as soon as a second passes with nothing more given back."""
+        pending = 0
         while not self._stopped.wait(min(1.0, max(0.05, self.config.session_ttl_seconds))):
-            freed += self.store.sweep()
-            if freed > 16 * 2**20:  # sessions gave memory back: hand it to the OS
+            freed = self.store.sweep()
+            pending += freed
+            if pending > 16 * 2**20 or (pending and not freed):
                 gc.collect()  # reference cycles (an error's traceback, say) may still hold arrays
                 release_memory()
-                freed = 0
+                pending = 0
 
     def __enter__(self) -> Server:
         return self
