@@ -18,6 +18,7 @@ return ``(out, residuals, new_buffers)``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -319,14 +320,19 @@ def _sum(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> tuple[Any, 
 
 def _mean(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> tuple[Any, tuple]:
     axes = norm_axes(axis, x.ndim)
-    count = int(np.prod([x.shape[a] for a in axes]))
+    count = math.prod(x.shape[a] for a in axes)
     return np.mean(x, axis=axes, keepdims=keepdims), (x.shape, axes, keepdims, count)
 
 
 def _spread(g: np.ndarray, shape: Shape, axes: tuple[int, ...], keepdims: bool, count: int) -> np.ndarray:
     """Gradient of a sum (count=1) or mean over ``axes``: g copied back along them."""
-    g = g if keepdims else np.expand_dims(g, axes)
-    return np.broadcast_to(g / count if count != 1 else g, shape)
+    if count != 1:
+        g = g / count
+    if g.ndim == 0:  # a full reduction, the usual loss: np.full is several times cheaper than broadcasting
+        return np.full(shape, g, g.dtype)
+    if not keepdims:
+        g = g.reshape(tuple(1 if i in axes else d for i, d in enumerate(shape)))
+    return np.broadcast_to(g, shape)
 
 
 defop("sum", ("x",), _sum, _spread, attrs={"axis": None, "keepdims": False},
