@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradgate.codec import CodecError, attrs_to_dict, dtype_of
+from gradgate.codec import MAX_NDIM, CodecError, attrs_to_dict, dtype_of
 from gradgate.v1 import graph_pb2
 
 from .errors import InvalidArgument, ResourceExhausted
@@ -64,6 +65,7 @@ class Plan:
     slot: dict[str, int]
     buffers: tuple[Buffer, ...] = ()
     _masks: dict[frozenset[int], tuple[tuple[bool, ...], ...]] = field(default_factory=dict, repr=False)
+    _costs: dict[int, Any] = field(default_factory=dict, repr=False)  # batch size -> cost.Cost
 
     @property
     def inputs(self) -> range:
@@ -75,7 +77,7 @@ class Plan:
 
     @property
     def parameter_count(self) -> int:
-        return sum(int(np.prod(self.shapes[s])) for s in self.params)
+        return sum(math.prod(self.shapes[s]) for s in self.params)
 
     def grad_masks(self, wrt: frozenset[int]) -> tuple[tuple[bool, ...], ...]:
         """Per step, per input: does that input lead back to a slot in ``wrt``?
@@ -108,8 +110,12 @@ def _declared(values: Any, kind: str, allow_batch: bool, float_dtype: np.dtype |
         except CodecError as e:
             raise _error(f"{kind[:-1]} {v.name!r}: {e.description}", e.field) from None
         shape = tuple(v.shape)
-        if any(d < BATCH for d in shape) or (not allow_batch and BATCH in shape):
-            hint = "-1 (batch) is allowed for inputs only" if BATCH in shape else "dimensions must be >= 0"
+        if len(shape) > MAX_NDIM:
+            raise _error(f"{kind[:-1]} {v.name!r} has {len(shape)} dimensions; at most {MAX_NDIM} are supported",
+                         f"{where}.shape")
+        # no empty values: the mean of nothing is NaN; sizes are checked against limits later (cost.py)
+        if any(d < BATCH or d == 0 for d in shape) or (not allow_batch and BATCH in shape):
+            hint = "-1 (batch) is allowed for inputs only" if BATCH in shape else "dimensions must be >= 1"
             raise _error(f"{kind[:-1]} {v.name!r} has shape {list(shape)}: {hint}", f"{where}.shape")
         if float_dtype is not None and dtype in FLOATS:
             dtype = float_dtype
@@ -156,6 +162,9 @@ def _attrs(op: OpDef, node: graph_pb2.Node, where: str, float_dtype: np.dtype) -
         raise _error(f"node {node.name!r} ({op.name}): missing attribute(s) {missing}", f"{where}.attrs")
     value = attrs.get("value")
     if isinstance(value, np.ndarray):  # constants: floats follow the graph, ints are int64
+        if value.size == 0:
+            raise _error(f"node {node.name!r} ({op.name}): value {list(value.shape)} has no elements",
+                         f"{where}.attrs['value']")
         attrs["value"] = value.astype(float_dtype if value.dtype.kind == "f" else np.int64)
     return attrs
 
