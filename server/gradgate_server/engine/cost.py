@@ -101,7 +101,7 @@ class Limits:
         """At CreateSession: no value is over the element limit even at batch size 1."""
         self._check_elements(estimate(plan, 1))
 
-    def check(self, cost: Cost, flops: int, call: str = "this call") -> None:
+    def check(self, cost: Cost, flops: int, call: str = "this call", hint: str = "use a smaller batch") -> None:
         """Raise ResourceExhausted, naming the node and the limit, if ``cost`` with ``flops``
         in total does not fit."""
         self._check_elements(cost)
@@ -118,7 +118,7 @@ class Limits:
             raise ResourceExhausted(
                 f"{call} would take about {flops:.3g} floating-point operations at batch size {batch}, more than "
                 f"the per-call limit of {self.max_flops:.3g} (--max-flops); the costliest node is {step.name!r} "
-                f"({step.op.name}, {cost.step_flops[i]:.3g} per forward); use a smaller batch", step.name)
+                f"({step.op.name}, {cost.step_flops[i]:.3g} per forward); {hint}", step.name)
 
     def _check_elements(self, cost: Cost) -> None:
         plan, s, n = cost.plan, cost.largest, cost.elements[cost.largest]
