@@ -40,6 +40,14 @@ class Config:
                                                    "cores // max-workers (at least 1), so concurrent calls do not "
                                                    "oversubscribe the cores; 0 = leave as is"})
     reflection: bool = field(default=False, metadata={"help": "serve gRPC server reflection (for grpcurl)"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate (chain) file: serve TLS, with --tls-key"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key file of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA file: require client certificates it signed (mutual TLS); without --auth-tokens the "
+                "certificate's subject is the principal that owns sessions"})
+    auth_tokens: str = field(default="", metadata={
+        "help": "Kubernetes static-token CSV file (token,user[,uid[,groups]]): every call but health must send "
+                "'authorization: Bearer <token>'; the user owns the sessions it creates"})
 
     @property
     def limits(self) -> Limits:
