@@ -2,9 +2,12 @@
 127.0.0.1 with a CA and certificates made here."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import ipaddress
 import json
+import re
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -309,3 +312,16 @@ def test_startup_log_says_how_the_server_is_secured(pki) -> None:
                 assert "no authentication" in note["message"]
         finally:
             server.close()
+
+
+def test_readme_security_example_runs(pki, monkeypatch) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Security"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    config = Config(tls_cert=str(pki["server"]), tls_key=str(pki["server.key"]), auth_tokens=str(pki["tokens"]))
+    monkeypatch.chdir(pki["ca"].parent)  # ca.pem is there
+    with serve("127.0.0.1:0", config) as srv:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(code, {"address": srv.address, "token": TOKENS["bob"]})
+    assert printed.getvalue().endswith(" ops\n") and int(printed.getvalue().split()[0]) > 10

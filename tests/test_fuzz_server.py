@@ -165,7 +165,7 @@ def tensor(rng: random.Random, dtype: int, shape: tuple[int, ...], batch: int, f
     elif fault == "huge":
         dims = rng.choice(HUGE_SHAPES)
     np_dtype = codec.DTYPES.get(dtype, np.dtype("<f8"))
-    size = 1 if fault == "huge" else min(math.prod(dims), 60_000)
+    size = 1 if fault == "huge" or min(dims, default=0) < 0 else min(math.prod(dims), 60_000)
     values = np.random.default_rng(rng.getrandbits(32))
     if np_dtype.kind == "i":
         data = (np.full(size, rng.choice([-(2**40), 2**40, 3, -1]), np.int64).astype(np_dtype) if fault == "labels"
