@@ -44,10 +44,9 @@ Code = grpc.StatusCode
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
 DOCUMENTED = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED,
               Code.DEADLINE_EXCEEDED}
-# RPCs the servicer does not implement yet answer UNIMPLEMENTED (grpc's default); once a
-# method is implemented, that answer fails here too.
-UNIMPLEMENTED = {m.name for m in SERVICE.methods
-                 if getattr(GradientService, m.name) is getattr(GradientService.__mro__[1], m.name)}
+# An RPC the servicer does not implement answers UNIMPLEMENTED; once it is implemented,
+# that answer fails here too.
+UNIMPLEMENTED = {m.name for m in SERVICE.methods if not hasattr(GradientService, m.name)}
 LIMITS = Config(max_nodes=60, max_sessions=200, max_tensor_elements=50_000, cache_bytes=32 * 2**20,
                 max_flops=10**9, max_message_bytes=2 * 2**20)
 TIMEOUT = 10.0

@@ -5,6 +5,7 @@ the wire are counted with Python ints, so none overflows into INTERNAL."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 
@@ -24,7 +25,7 @@ from gradgate_server.engine.cost import Limits, estimate
 from gradgate_server.engine.gradcheck import CheckSettings, gradient_check
 
 from graphs import declare, node, one_op_graph
-from test_health_shutdown import ServerProcess
+from procs import ServerProcess
 from test_ops import CASES
 
 Code = grpc.StatusCode
@@ -414,3 +415,22 @@ def test_outer_sum_attack_is_refused_before_allocating() -> None:
                   f"{after / 2**20:.1f} MiB after")
     finally:
         server.close()
+
+
+def test_training_on_the_server_is_bounded_the_same_way() -> None:
+    """The outer-sum attack through UploadData and Train: 24000 rows of one float, one step
+    over all of them, refused before the step allocates."""
+    from gradgate.v1 import train_pb2
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1))
+    g.set_loss(gg.sum((x + gg.transpose(x)) * g.param("p", ())))
+    with gg.connect() as client, client.session(g, {"p": np.array(1.0)}) as sess:
+        sess.upload({"x": np.ones((24000, 1))})
+        start = train_pb2.TrainStart(session_id=sess.id, optimizer=gg.optim.SGD(0.1).to_proto(), epochs=1)
+        call, metadata = client.stream("Train", sess.id)
+        before = peak_rss(os.getpid())
+        with pytest.raises(grpc.RpcError) as e:
+            list(call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata, timeout=30))
+        assert e.value.code() == Code.RESOURCE_EXHAUSTED and "node 'xT" not in e.value.details()
+        assert "576000000 elements" in e.value.details() and "--max-tensor-elements" in e.value.details()
+        assert peak_rss(os.getpid()) - before < 100 * 2**20

@@ -43,15 +43,16 @@ def concrete(shape: Shape, batch: int) -> Shape:
 
 @dataclass(frozen=True)
 class Cost:
-    """One forward of ``plan`` at ``batch``: per slot elements, per step FLOPs, cache bytes."""
+    """One forward of a plan at ``batch``: per slot elements, per step FLOPs, cache bytes.
+    (It does not point back at its plan, which caches it: no reference cycle to keep plans alive.)"""
 
-    plan: Plan
     batch: int
     elements: tuple[int, ...]  # per slot
     step_flops: tuple[int, ...]  # per step, aligned with plan.steps
     activation_bytes: int
     forward_flops: int
     largest: int  # the slot with the most elements
+    first_step_slot: int  # step i computes slot first_step_slot + i
 
     @property
     def backward_flops(self) -> int:
@@ -59,8 +60,7 @@ class Cost:
 
     def flops_of(self, steps: Iterable[Step]) -> int:
         """FLOPs of a forward through ``steps`` only (a gradient check's partial recompute)."""
-        first = self.plan.n_inputs + self.plan.n_params  # step i computes slot first + i
-        return sum(self.step_flops[step.out - first] for step in steps)
+        return sum(self.step_flops[step.out - self.first_step_slot] for step in steps)
 
 
 def estimate(plan: Plan, batch: int) -> Cost:
@@ -86,7 +86,8 @@ def _estimate(plan: Plan, batch: int) -> Cost:
         residuals += (max(int(keep(out, *ins, **step.attrs)), 0) * plan.dtype.itemsize if keep
                       else max([nbytes[step.out], *(nbytes[a] for a in step.args)]))
     largest = max(range(len(counts)), key=counts.__getitem__)
-    return Cost(plan, batch, counts, tuple(flops), sum(nbytes) + residuals, sum(flops), largest)
+    return Cost(batch, counts, tuple(flops), sum(nbytes) + residuals, sum(flops), largest,
+                plan.n_inputs + plan.n_params)
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,14 @@ class Limits:
 
     def check_static(self, plan: Plan) -> None:
         """At CreateSession: no value is over the element limit even at batch size 1."""
-        self._check_elements(estimate(plan, 1))
+        self._check_elements(plan, estimate(plan, 1))
 
-    def check(self, cost: Cost, flops: int, call: str = "this call", hint: str = "use a smaller batch") -> None:
-        """Raise ResourceExhausted, naming the node and the limit, if ``cost`` with ``flops``
-        in total does not fit."""
-        self._check_elements(cost)
-        plan, batch = cost.plan, cost.batch
+    def check(self, plan: Plan, cost: Cost, flops: int, call: str = "this call",
+              hint: str = "use a smaller batch") -> None:
+        """Raise ResourceExhausted, naming the node and the limit, if ``plan``'s ``cost`` with
+        ``flops`` in total does not fit."""
+        self._check_elements(plan, cost)
+        batch = cost.batch
         if cost.activation_bytes > self.cache_bytes:
             big = cost.largest
             raise ResourceExhausted(
@@ -120,8 +122,8 @@ class Limits:
                 f"the per-call limit of {self.max_flops:.3g} (--max-flops); the costliest node is {step.name!r} "
                 f"({step.op.name}, {cost.step_flops[i]:.3g} per forward); {hint}", step.name)
 
-    def _check_elements(self, cost: Cost) -> None:
-        plan, s, n = cost.plan, cost.largest, cost.elements[cost.largest]
+    def _check_elements(self, plan: Plan, cost: Cost) -> None:
+        s, n = cost.largest, cost.elements[cost.largest]
         if n > self.max_elements:
             kind = "input" if s < plan.n_inputs else "parameter" if s < plan.n_inputs + plan.n_params else "node"
             at = f" at batch size {cost.batch}" if BATCH in plan.shapes[s] else ""
@@ -135,6 +137,6 @@ def admit(plan: Plan, inputs: Mapping[str, np.ndarray], limits: Limits, backward
     """The servicer's check before a Forward (``backward`` False) or a ForwardBackward (True)
     on the batch ``inputs``: raises InvalidArgument for a bad batch, ResourceExhausted over a limit."""
     cost = estimate(plan, check_batch(plan, inputs))
-    limits.check(cost, cost.forward_flops + (cost.backward_flops if backward else 0),
+    limits.check(plan, cost, cost.forward_flops + (cost.backward_flops if backward else 0),
                  "this forward and backward" if backward else "this forward")
     return cost

@@ -148,7 +148,7 @@ def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping
     slots = _selected(plan, settings)
     if limits is not None:
         cost = estimate(plan, batch)
-        limits.check(cost, cost.forward_flops + cost.backward_flops + _numeric_flops(plan, cost, slots, settings),
+        limits.check(plan, cost, cost.forward_flops + cost.backward_flops + _numeric_flops(plan, cost, slots, settings),
                      "this gradient check", "check fewer coordinates (sparse or fast mode) or use a smaller batch")
     inputs = {k: _widen(v) for k, v in inputs.items()}
     params = {k: _widen(v) for k, v in params.items()}
