@@ -1,6 +1,7 @@
 """Fuzzing a real server at scale (issue 9): over 10,000 generated requests per run, to
 every RPC, on 127.0.0.1:
-1. sessions driven through valid and almost-valid graphs, tensors and requests;
+1. sessions driven through valid and almost-valid graphs, tensors and requests, a third of
+   them also uploading a dataset and training on the server;
 2. every request message type generated from its protobuf descriptor;
 3. random and mutated bytes on a raw channel.
 Every answer is OK or a documented status, never UNKNOWN or INTERNAL; the server stays
@@ -33,7 +34,7 @@ from hypothesis import strategies as st
 
 import gradgate as gg
 from gradgate import codec
-from gradgate.v1 import gradcheck_pb2, graph_pb2, tensor_pb2
+from gradgate.v1 import gradcheck_pb2, graph_pb2, tensor_pb2, train_pb2
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate_server import Config, serve
 from gradgate_server.service import GradientService
@@ -76,7 +77,8 @@ class Fuzzed:
         self.expected = self.sentinel.forward_backward(self.batch)
         self.live: list[str] = []
 
-    def call(self, kind: str, method: str, request: Any, raw: bool = False) -> tuple[grpc.StatusCode, Any]:
+    def call(self, kind: str, method: str, request: Any, raw: bool = False,
+             timeout: float = TIMEOUT) -> tuple[grpc.StatusCode, Any]:
         """One request of any method (raw: bytes, or a list of bytes for a client stream);
         returns the status and a unary response's bytes; fails on an undocumented status."""
         COUNT[kind] = COUNT.get(kind, 0) + 1
@@ -89,7 +91,7 @@ class Fuzzed:
         if m.client_streaming:
             request = iter(request if isinstance(request, list) else [request])
         try:
-            result = stub(request, timeout=TIMEOUT)
+            result = stub(request, timeout=timeout)
             if m.server_streaming:
                 for _ in zip(range(50), result):  # a bounded look at a stream
                     pass
@@ -250,6 +252,31 @@ def session_call(call: tuple, graph: graph_pb2.Graph, sid: str) -> tuple[str, An
     return method, request
 
 
+def training_calls(seed: int, graph: graph_pb2.Graph, sid: str) -> list[tuple[str, list]]:
+    """An UploadData of a small dataset (sometimes faulty) and a Train run over it with
+    random, sometimes nonsensical, settings."""
+    rng = random.Random(seed)
+    sane = rng.random() < 0.6  # otherwise anything goes
+    rows = rng.choice([1, 2, 5, 8] if sane else [0, 1, 3, 2**31])
+    upload = train_pb2.UploadDataRequest(session_id=sid, rows=rows if sane else rng.choice([rows, rows + 1, -1]))
+    put(upload.columns, tensor_map(rng, "clean" if sane else rng.choice(MAP_KINDS), graph.inputs, min(rows, 9)))
+    chunks = [upload] if rng.random() < 0.8 else [upload, train_pb2.UploadDataRequest(session_id=sid)]
+    lr = rng.choice([0.1, 0.01] if sane else [0.0, -1.0, float("nan"), 1e300])
+    optimizer = (train_pb2.Optimizer(sgd=train_pb2.SGD(lr=lr, momentum=rng.choice([0.0, 0.9, -1.0])))
+                 if rng.random() < 0.5 else train_pb2.Optimizer(adam=train_pb2.Adam(lr=lr, beta1=rng.choice([0.0, 0.9, 2.0]))))
+    start = train_pb2.TrainStart(
+        session_id=sid, optimizer=optimizer if sane or rng.random() < 0.5 else None, seed=rng.getrandbits(64),
+        batch_size=rng.choice([0, 1, 2, 3] if sane else [-1, 2**40, 7]), epochs=rng.choice([1, 2, 3] if sane else [0, -1, 2**40]),
+        start_step=rng.choice([0, 0, 1] if sane else [5, -1, 2**40]), sync_every=rng.choice([0, 1, 2] if sane else [-1, 2**40]))
+    if not sane and rng.random() < 0.5:
+        start.batches.extend(train_pb2.RowRange(start=rng.randint(-1, 8), stop=rng.randint(-1, 9))
+                             for _ in range(rng.randint(0, 4)))
+    train = [train_pb2.TrainRequest(start=start)] + [train_pb2.TrainRequest(sync=True)] * rng.randint(0, 2)
+    if rng.random() < 0.05:
+        train.reverse()  # a sync first
+    return [("UploadData", chunks), ("Train", train)]
+
+
 @st.composite
 def valid_graphs(draw: st.DrawFn) -> graph_pb2.Graph:
     """Small real networks: an MLP of random depth, widths, activation and loss."""
@@ -292,6 +319,9 @@ def test_sessions_under_valid_and_almost_valid_requests(fuzzed: Fuzzed, scenario
     sid = pb.CreateSessionResponse.FromString(response).session_id
     for call in calls:
         fuzzed.call("sessions", *session_call(call, graph, sid))
+    if seed % 3 == 0:  # a third of the sessions also train on the server
+        for method, messages in training_calls(seed, graph, sid):
+            fuzzed.call("sessions", method, messages, timeout=3)
     fuzzed.call("sessions", "CloseSession", pb.CloseSessionRequest(session_id=sid))
 
 
