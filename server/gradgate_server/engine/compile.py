@@ -113,9 +113,9 @@ def _declared(values: Any, kind: str, allow_batch: bool, float_dtype: np.dtype |
         if len(shape) > MAX_NDIM:
             raise _error(f"{kind[:-1]} {v.name!r} has {len(shape)} dimensions; at most {MAX_NDIM} are supported",
                          f"{where}.shape")
-        # no empty values: the mean of nothing is NaN; sizes are checked against limits later (cost.py)
-        if any(d < BATCH or d == 0 for d in shape) or (not allow_batch and BATCH in shape):
-            hint = "-1 (batch) is allowed for inputs only" if BATCH in shape else "dimensions must be >= 1"
+        # sizes are checked against the limits later (cost.py)
+        if any(d < BATCH for d in shape) or (not allow_batch and BATCH in shape):
+            hint = "-1 (batch) is allowed for inputs only" if BATCH in shape else "dimensions must be >= 0"
             raise _error(f"{kind[:-1]} {v.name!r} has shape {list(shape)}: {hint}", f"{where}.shape")
         if float_dtype is not None and dtype in FLOATS:
             dtype = float_dtype
@@ -162,9 +162,6 @@ def _attrs(op: OpDef, node: graph_pb2.Node, where: str, float_dtype: np.dtype) -
         raise _error(f"node {node.name!r} ({op.name}): missing attribute(s) {missing}", f"{where}.attrs")
     value = attrs.get("value")
     if isinstance(value, np.ndarray):  # constants: floats follow the graph, ints are int64
-        if value.size == 0:
-            raise _error(f"node {node.name!r} ({op.name}): value {list(value.shape)} has no elements",
-                         f"{where}.attrs['value']")
         attrs["value"] = value.astype(float_dtype if value.dtype.kind == "f" else np.int64)
     return attrs
 
