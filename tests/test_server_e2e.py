@@ -215,7 +215,8 @@ def test_message_and_tensor_size_limits() -> None:
 
 def test_running_out_of_memory_is_resource_exhausted(stub) -> None:
     """x.T @ x for 5 Mi values of x needs 200 TiB, more than a 64-bit process can even
-    address (128 TiB), so numpy raises MemoryError whatever the overcommit policy."""
+    address (128 TiB): refused before it runs by the element limit, and with every limit
+    lifted numpy raises MemoryError whatever the overcommit policy."""
     from test_engine import declare
 
     g = graph_pb2.Graph()
@@ -225,7 +226,14 @@ def test_running_out_of_memory_is_resource_exhausted(stub) -> None:
     g.loss = node(g, "loss", "sum", "outer")
     sid = create(stub, graph=g, params={})
     error = rpc_error(stub.Forward, forward_request(sid, {"x": np.ones((1, 5 * 2**20))}))
-    assert error.code() == Code.RESOURCE_EXHAUSTED and "out of memory" in error.details()
+    assert error.code() == Code.RESOURCE_EXHAUSTED
+    assert "node 'outer'" in error.details() and "--max-tensor-elements" in error.details()
+    unlimited = Config(max_tensor_elements=2**62, cache_bytes=2**62, max_flops=2**62)
+    with serve("127.0.0.1:0", unlimited) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        sid = create(stub, graph=g, params={})
+        error = rpc_error(stub.Forward, forward_request(sid, {"x": np.ones((1, 5 * 2**20))}))
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "out of memory" in error.details()
 
 
 def test_server_keeps_serving_after_errors(stub) -> None:

@@ -14,6 +14,7 @@ from gradgate.graph import (Graph, TensorSpec, Value, abs, add, affine, avg_pool
                             matmul, max_pool2d, maximum, mean, mse_loss, mul, neg, pow, relu, reshape, sigmoid,
                             slice, softmax, softmax_cross_entropy, sqrt, square, sub, sum, svm_loss, tanh, transpose)
 from gradgate.params import init_params
+from gradgate.security import TLS
 from gradgate.session import ForwardResult, Session, StepResult
 from gradgate.train import train
 
@@ -28,6 +29,6 @@ OPS = [
 ]
 
 __all__ = [
-    "Client", "ForwardResult", "GradgateError", "Graph", "OpInfo", "Session", "StepResult", "TensorSpec",
+    "Client", "ForwardResult", "GradgateError", "Graph", "OpInfo", "Session", "StepResult", "TLS", "TensorSpec",
     "Value", "connect", "data", "gradcheck", "init_params", "optim", "spiral", "train", *OPS,
 ]

@@ -17,6 +17,7 @@ from gradgate.errors import from_rpc_error
 from gradgate.graph import Graph
 from gradgate.memory import tune_malloc
 from gradgate.params import init_params
+from gradgate.security import TLS, secure_channel
 from gradgate.session import Session
 from gradgate.v1 import gradient_service_pb2 as pb
 
@@ -47,13 +48,15 @@ class OpInfo:
 
 
 def connect(address: str | None = None, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
-            recover_sessions: bool = True, retry_seconds: float = 10.0) -> Client:
+            recover_sessions: bool = True, retry_seconds: float = 10.0, token: str | None = None,
+            tls: TLS | bool | None = None) -> Client:
     """Connect to a server at ``address``, or start an embedded one on a free local port.
 
     ``recover_sessions``: re-create a session the server no longer knows (restarted,
     expired, another replica) from the parameters last sent, instead of raising NOT_FOUND.
     ``retry_seconds``: how long to wait for an unreachable server to come back (a restart)
-    before giving up.
+    before giving up. ``token``: a bearer token sent with every call; ``tls``:
+    ``gg.TLS(ca, cert, key)``, or True for the system's root certificates (gradgate.security).
     """
     server = None
     if address is None:
@@ -62,23 +65,24 @@ def connect(address: str | None = None, *, timeout: float = 30.0, max_message_by
         server = serve("127.0.0.1:0", Config(max_message_bytes=max_message_bytes))
         address = server.address
     return Client(address, timeout=timeout, max_message_bytes=max_message_bytes, server=server,
-                  recover_sessions=recover_sessions, retry_seconds=retry_seconds)
+                  recover_sessions=recover_sessions, retry_seconds=retry_seconds, token=token, tls=tls)
 
 
 class Client:
     """One channel shared by every session; each call gets a ``timeout``-second deadline."""
 
     def __init__(self, address: str, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
-                 server: Any = None, recover_sessions: bool = True, retry_seconds: float = 10.0):
+                 server: Any = None, recover_sessions: bool = True, retry_seconds: float = 10.0,
+                 token: str | None = None, tls: TLS | bool | None = None):
         tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
         self.address, self.timeout, self.recover_sessions = address, timeout, recover_sessions
         self.max_message_bytes, self.retry_seconds = max_message_bytes, retry_seconds
         self._server = server  # an embedded server, stopped with the client
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = secure_channel(address, [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.service_config", _SERVICE_CONFIG),
-        ])
+        ], tls, token)
         self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
                        for name, (path, _) in _METHODS.items()}
 

@@ -10,6 +10,7 @@ ordinary protobuf. Element counts are Python ints, checked before numpy sees the
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -64,6 +65,9 @@ def _at(field: str, name: str | None) -> str:
     return field if name is None else f"{field}[{name[:64]!r}]"
 
 
+MAX_NDIM = 32  # numpy 1.x's limit (2.x allows 64)
+
+
 def _array(code: int, shape: tuple[int, ...], data: bytes, offset: int, nbytes: int, max_elements: int | None,
            field: str, name: str | None = None) -> np.ndarray:
     """A read-only array viewing ``data[offset:offset + nbytes]``, after checking it against ``shape``.
@@ -71,11 +75,17 @@ def _array(code: int, shape: tuple[int, ...], data: bytes, offset: int, nbytes: 
     dtype = DTYPES.get(code)  # type: ignore[call-overload]  # any int may arrive on the wire
     if dtype is None:
         dtype_of(code, f"{_at(field, name)}.dtype")  # raises, naming the field
+    if len(shape) > MAX_NDIM:
+        raise CodecError(f"{_at(field, name)}.shape", f"has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
     if shape and min(shape) < 0:
         raise CodecError(f"{_at(field, name)}.shape", f"negative dimension in shape {list(shape)}")
     size = math.prod(shape)  # exact: a Python int, however large the dimensions
-    if max_elements is not None and size > max_elements:
+    # numpy refuses even an empty array whose other dimensions overflow, e.g. (0, 2**62): count 0 as 1
+    span = size or math.prod(max(d, 1) for d in shape)
+    if max_elements is not None and span > max_elements:
         raise TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; the limit is {max_elements}")
+    if span > sys.maxsize // dtype.itemsize:  # no limit given: numpy's own
+        raise CodecError(f"{_at(field, name)}.shape", f"shape {list(shape)} is too large for any array")
     if nbytes != size * dtype.itemsize:
         raise CodecError(f"{_at(field, name)}.data", f"has {nbytes} bytes, but shape {list(shape)} of "
                                                      f"{dtype.name} needs {size * dtype.itemsize}")

@@ -22,6 +22,7 @@ import gradgate
 from gradgate.memory import release_memory, tune_malloc
 from gradgate.v1 import gradient_service_pb2
 
+from . import auth
 from .config import Config
 from .health import HealthServicer
 from .logs import configure_logging
@@ -100,6 +101,8 @@ class Server:
 def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     """Start a server on ``address`` (port 0 picks a free one) and return it running."""
     config = config or Config()
+    credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    authenticator = auth.authenticator(config.auth_tokens, config.tls_client_ca)
     tune_malloc()  # megabyte messages: reuse heap buffers instead of page-faulting fresh mmaps
     if config.blas_threads:
         limit_blas(config.blas_threads, config.max_workers)
@@ -113,7 +116,7 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
-                                         config.max_message_bytes, config.max_tensor_elements)
+                                         config.max_message_bytes, config.max_tensor_elements, authenticator)
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     # Health answers from threads of its own, so it never waits behind compute.
@@ -126,7 +129,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             Observed(server, metrics))
     host = address.rsplit(":", 1)[0]
-    port = server.add_insecure_port(address)
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     metrics_address = None
@@ -167,11 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_format)
     # *_created series double the series count for little use; process-wide, so only in the CLI.
     prometheus_client.disable_created_metrics()
-    server = serve(address, config)
+    try:
+        server = serve(address, config)
+    except (OSError, ValueError) as e:  # unreadable certificates or token file, a port in use
+        log.error("cannot start: %s", e)
+        return 2
     metrics_url = f"http://{server.metrics_address}/metrics" if server.metrics_address else "off"
-    log.info("gradgate server listening on %s, metrics %s", server.address, metrics_url,
-             extra={"fields": {"event": "listening", "address": server.address,
+    security = auth.describe(config.tls_cert, config.tls_client_ca, config.auth_tokens)
+    log.info("gradgate server listening on %s, metrics %s; %s", server.address, metrics_url, security,
+             extra={"fields": {"event": "listening", "address": server.address, "security": security,
                                "metrics_address": server.metrics_address, "version": version()}})
+    if not (config.auth_tokens or config.tls_client_ca):
+        host = server.address.rsplit(":", 1)[0]
+        if auth.is_loopback(host):
+            log.info("no authentication (--auth-tokens, --tls-client-ca): listening on loopback only")
+        else:
+            log.warning("no authentication (--auth-tokens, --tls-client-ca) on %s: anyone who can reach it "
+                        "can use, read and close any session whose id they learn", host)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

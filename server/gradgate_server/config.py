@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .engine.cost import Limits
+
 MiB = 2**20
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # same default as gradgate.client
 
@@ -19,7 +21,11 @@ class Config:
     session_bytes: int = field(default=1024 * MiB, metadata={
         "help": "the same, per session"})
     max_nodes: int = 10_000  # per graph
-    max_tensor_elements: int = 64 * MiB  # per tensor on the wire
+    max_tensor_elements: int = field(default=64 * MiB, metadata={
+        "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})
+    max_flops: int = field(default=100 * 10**9, metadata={
+        "help": "estimated floating-point operations per call (a 784-256-10 MLP step at batch 4096 takes 5e9); "
+                "more is RESOURCE_EXHAUSTED before anything runs"})
     grace_seconds: float = field(default=10.0, metadata={
         "help": "on SIGTERM/SIGINT, in-flight calls may finish for this long before they are cancelled"})
     log_format: str = field(default="text", metadata={"choices": ("text", "json"),
@@ -34,3 +40,16 @@ class Config:
                                                    "cores // max-workers (at least 1), so concurrent calls do not "
                                                    "oversubscribe the cores; 0 = leave as is"})
     reflection: bool = field(default=False, metadata={"help": "serve gRPC server reflection (for grpcurl)"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate (chain) file: serve TLS, with --tls-key"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key file of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA file: require client certificates it signed (mutual TLS); without --auth-tokens the "
+                "certificate's subject is the principal that owns sessions"})
+    auth_tokens: str = field(default="", metadata={
+        "help": "Kubernetes static-token CSV file (token,user[,uid[,groups]]): every call but health must send "
+                "'authorization: Bearer <token>'; the user owns the sessions it creates"})
+
+    @property
+    def limits(self) -> Limits:
+        """The per-call bounds checked before a call runs (engine/cost.py)."""
+        return Limits(self.max_tensor_elements, self.cache_bytes, self.max_flops)

@@ -2,11 +2,14 @@
 
 A client's mistake gets its own status and a message naming the culprit, with a
 google.rpc.BadRequest field violation for INVALID_ARGUMENT. Anything else is
-logged here with its traceback and answered INTERNAL without one.
+logged here with its traceback and answered INTERNAL without one. Messages echo
+names the client sent, so every text is bounded here: the status travels in the
+response trailers, which clients refuse beyond 8-16 KiB.
 """
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 import grpc
@@ -15,6 +18,7 @@ from grpc_status import rpc_status
 
 from gradgate.codec import CodecError, TensorTooLarge
 
+from .auth import Unauthenticated
 from .engine import (DeadlineExceeded, FailedPrecondition, GradgateError, InvalidArgument, NotFound,
                      ResourceExhausted)
 
@@ -28,16 +32,37 @@ STATUS: dict[type, grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
+# UTF-8 bytes; the message travels twice (grpc-message, percent-encoded, and in the details)
+MAX_MESSAGE, MAX_DESCRIPTION, MAX_FIELD, MAX_WORD = 1024, 512, 256, 100
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD + 1))
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` with each long word (a name the client sent) cut in its middle, then the whole
+    cut to ``limit`` UTF-8 bytes, keeping its start and end."""
+    return _cut(_LONG_WORD.sub(lambda m: _cut(m.group(), MAX_WORD), text), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    keep = limit - 24  # room for the marker
+    head, tail = data[:keep * 3 // 4], data[len(data) - keep // 4:]
+    return (head.decode(errors="ignore") + f"…({len(data) - len(head) - len(tail)} bytes cut)…"
+            + tail.decode(errors="ignore"))
 
 
 def to_status(error: GradgateError | CodecError) -> grpc.Status:
     code = STATUS[type(error)]
-    message = error.message if isinstance(error, GradgateError) else str(error)
+    message = bounded(error.message if isinstance(error, GradgateError) else str(error), MAX_MESSAGE)
     status = status_pb2.Status(code=code.value[0], message=message)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=getattr(error, "description", message))
+            field=bounded(error.field, MAX_FIELD),
+            description=bounded(getattr(error, "description", message), MAX_DESCRIPTION))
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return rpc_status.to_status(status)
 

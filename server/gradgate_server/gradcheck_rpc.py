@@ -87,4 +87,5 @@ def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, di
                               "session_id")
     check_batch(plan, inputs)  # against the declared dtypes, before the check widens them to float64
     return result_to_proto(gradient_check(plan, inputs, params, settings, deadline, on_step, buffers=buffers,
-                                          train=request.mode != graph_pb2.MODE_EVAL, seed=request.seed))
+                                          train=request.mode != graph_pb2.MODE_EVAL, seed=request.seed,
+                                          limits=config.limits))

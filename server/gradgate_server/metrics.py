@@ -145,7 +145,10 @@ class Metrics:
         for v in values:
             if isinstance(v, float):
                 bad += not math.isfinite(v)
-            elif v.dtype.kind == "f" and v.size and not math.isfinite(float(np.add.reduce(v, None))):
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):  # huge finite values: counted, not warned about
+                total = float(np.add.reduce(v, None)) if v.dtype.kind == "f" and v.size else 0.0
+            if not math.isfinite(total):
                 # one pass; a sum is NaN/Inf if any element is (or if it overflows: then the count finds 0)
                 bad += v.size - int(np.count_nonzero(np.isfinite(v)))
         if bad:
@@ -283,8 +286,13 @@ class _Line:
     def __init__(self, fields: dict[str, Any]):
         self.fields = fields
 
-    def __str__(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.fields.items())
+    def __str__(self) -> str:  # client text (a session id, names in an error) escaped: one line stays one line
+        return " ".join(f"{k}={_printable(str(v))}" for k, v in self.fields.items())
+
+
+def _printable(text: str) -> str:
+    """Client text with control characters escaped, so it never starts a log line of its own."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 # -- stock servicers (health, reflection): their handlers wrapped once -------------------

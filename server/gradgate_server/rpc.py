@@ -58,9 +58,11 @@ class Call:
         return data
 
 
-def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int,
-                              max_elements: int) -> dict[str, grpc.RpcMethodHandler]:
-    """Method name -> handler for every RPC of GradientService, bytes in and bytes out."""
+def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int, max_elements: int,
+                              authenticate: Callable[[grpc.ServicerContext], None] | None = None
+                              ) -> dict[str, grpc.RpcMethodHandler]:
+    """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
+    ``authenticate`` (auth.py) vets each call before its request is even decoded."""
     handlers = {}
     for method in SERVICE.methods:
         request_type = message_factory.GetMessageClass(method.input_type)
@@ -68,6 +70,8 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
         inner = getattr(servicer, method.name)
 
         def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type) -> Call:
+            if authenticate is not None:
+                authenticate(context)
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
         if method.client_streaming:

@@ -19,6 +19,7 @@ from gradgate.v1 import graph_pb2
 from .config import Config
 from .engine import (OPS, DeadlineExceeded, InvalidArgument, Plan, Tape, backward, check_buffers, check_params,
                      compile_graph, forward, full_buffers)
+from .engine.cost import admit
 from .engine.ops import REQUIRED
 from .gradcheck_rpc import run_gradient_check
 from .metrics import Metrics
@@ -34,6 +35,7 @@ class GradientService:
     def __init__(self, store: SessionStore, config: Config, metrics: Metrics | None = None):
         self.store = store
         self.config = config
+        self.limits = config.limits
         self.metrics = metrics or Metrics()  # a private registry when nobody scrapes
         self.training = Training(store, config, self.metrics)
         self._timers = {p: self.metrics.op_timer(p) for p in ("forward", "backward")}
@@ -61,11 +63,12 @@ class GradientService:
                     raise DeadlineExceeded("the call ended (cancelled or past its deadline) before the pass finished")
         return hook
 
-    def _forward(self, session: Session, call: Call) -> tuple[Tape, dict[str, np.ndarray]]:
+    def _forward(self, session: Session, call: Call, backward: bool = False) -> tuple[Tape, dict[str, np.ndarray]]:
         """Run the request's forward with its parameters applied (nothing committed)."""
         params = call.arrays["params"]
         if params:
             check_params(session.plan, params, complete=False)
+        admit(session.plan, call.arrays["inputs"], self.limits, backward)  # bounded before anything is allocated
         tape = forward(session.plan, call.arrays["inputs"], {**session.params, **params} if params else session.params,
                        session.buffers, train=call.msg.mode != graph_pb2.MODE_EVAL, seed=call.msg.seed,
                        deadline=call.deadline, on_step=self.watch(call.context, "forward"))
@@ -99,6 +102,7 @@ class GradientService:
 
     def CreateSession(self, call: Call) -> bytes:
         plan = compile_graph(call.msg.graph, max_nodes=self.config.max_nodes)
+        self.limits.check_static(plan)
         params, buffers = call.arrays["params"], call.arrays["buffers"]
         check_params(plan, params)
         check_buffers(plan, buffers)
@@ -127,7 +131,7 @@ class GradientService:
 
     def ForwardBackward(self, call: Call) -> bytes:
         with self.store.use(call.msg.session_id) as session:
-            tape, params = self._forward(session, call)
+            tape, params = self._forward(session, call, backward=True)
             param_grads, input_grads = self._grads(session, tape, call.msg.input_grads, call)
             reply = call.reply(pb.ForwardBackwardResponse(loss=tape.loss, forward_id=session.forwards + 1),
                                outputs=self._outputs(session.plan, tape, call.msg.outputs),

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .auth import principal
 from .engine import FailedPrecondition, InvalidArgument, NotFound, Plan, ResourceExhausted, Tape
 
 KEEP: Any = object()  # commit(): leave this part of the session as it is
@@ -106,7 +107,9 @@ class SessionStore:
         return len(self._sessions)
 
     def create(self, plan: Plan, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None = None,
-               owner: str = "") -> Session:
+               owner: str | None = None) -> Session:
+        """A new session of ``owner`` (default: the calling principal, auth.py)."""
+        owner = principal() if owner is None else owner
         session = Session(secrets.token_hex(16), plan, owned(params), self.clock(), owner, owned(buffers or {}))
         size = nbytes(session.params.values(), session.buffers.values())
         with self._lock:
@@ -123,9 +126,10 @@ class SessionStore:
         return session
 
     @contextmanager
-    def use(self, session_id: str, owner: str = "") -> Iterator[Session]:
+    def use(self, session_id: str, owner: str | None = None) -> Iterator[Session]:
         """The session, locked for the duration of one call. Another owner's session is
-        NOT_FOUND, exactly like one that does not exist."""
+        NOT_FOUND, exactly like one that does not exist; ``owner`` defaults to the calling
+        principal, so every caller is checked without passing it."""
         session = self._find(session_id, owner)
         with session.lock:
             try:
@@ -133,7 +137,7 @@ class SessionStore:
             finally:
                 session.last_used = self.clock()
 
-    def close(self, session_id: str, owner: str = "") -> None:
+    def close(self, session_id: str, owner: str | None = None) -> None:
         session = self._find(session_id, owner)
         with self._lock:
             if self._sessions.pop(session.id, None) is None:
@@ -141,13 +145,13 @@ class SessionStore:
             self._forget(session)
         self.on_event("closed")
 
-    def _find(self, session_id: str, owner: str) -> Session:
+    def _find(self, session_id: str, owner: str | None) -> Session:
         if not session_id:
             raise InvalidArgument("session_id is empty; pass the id CreateSession returned", "session_id")
         with self._lock:
             self._expire_idle()
             session = self._sessions.get(session_id)
-        if session is None or session.owner != owner:
+        if session is None or session.owner != (principal() if owner is None else owner):
             raise NotFound(f"session {session_id[:8]!r}... not found: unknown, closed, or idle for more than "
                            f"{self.ttl:g}s; create a new session", "session_id")
         return session

@@ -24,6 +24,7 @@ from gradgate.v1 import train_pb2
 
 from .config import Config
 from .engine import DeadlineExceeded, InvalidArgument, backward, forward
+from .engine.cost import admit
 from .engine.ops import BATCH, fmt
 from .metrics import Metrics
 from .rpc import Call
@@ -170,8 +171,9 @@ class Training:
               context: grpc.ServicerContext, seed: int) -> float:
         with self.store.use(session_id) as session:
             plan = session.plan
-            tape = forward(plan, {name: column[rows] for name, column in session.data.items()}, session.params,
-                           session.buffers, seed=seed)
+            inputs = {name: column[rows] for name, column in session.data.items()}
+            admit(plan, inputs, self.config.limits, backward=True)  # bounded before anything is allocated
+            tape = forward(plan, inputs, session.params, session.buffers, seed=seed)
             grads = backward(plan, tape, plan.params)
             self.store.commit(session, params=optimizer.step(session.params, grads), buffers=tape.updates, tape=None)
         self.metrics.examples_processed(tape.batch_size)

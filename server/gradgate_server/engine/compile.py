@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradgate.codec import CodecError, attrs_to_dict, dtype_of
+from gradgate.codec import MAX_NDIM, CodecError, attrs_to_dict, dtype_of
 from gradgate.v1 import graph_pb2
 
 from .errors import InvalidArgument, ResourceExhausted
@@ -64,6 +65,7 @@ class Plan:
     slot: dict[str, int]
     buffers: tuple[Buffer, ...] = ()
     _masks: dict[frozenset[int], tuple[tuple[bool, ...], ...]] = field(default_factory=dict, repr=False)
+    _costs: dict[int, Any] = field(default_factory=dict, repr=False)  # batch size -> cost.Cost
 
     @property
     def inputs(self) -> range:
@@ -75,7 +77,7 @@ class Plan:
 
     @property
     def parameter_count(self) -> int:
-        return sum(int(np.prod(self.shapes[s])) for s in self.params)
+        return sum(math.prod(self.shapes[s]) for s in self.params)
 
     def grad_masks(self, wrt: frozenset[int]) -> tuple[tuple[bool, ...], ...]:
         """Per step, per input: does that input lead back to a slot in ``wrt``?
@@ -108,6 +110,10 @@ def _declared(values: Any, kind: str, allow_batch: bool, float_dtype: np.dtype |
         except CodecError as e:
             raise _error(f"{kind[:-1]} {v.name!r}: {e.description}", e.field) from None
         shape = tuple(v.shape)
+        if len(shape) > MAX_NDIM:
+            raise _error(f"{kind[:-1]} {v.name!r} has {len(shape)} dimensions; at most {MAX_NDIM} are supported",
+                         f"{where}.shape")
+        # sizes are checked against the limits later (cost.py)
         if any(d < BATCH for d in shape) or (not allow_batch and BATCH in shape):
             hint = "-1 (batch) is allowed for inputs only" if BATCH in shape else "dimensions must be >= 0"
             raise _error(f"{kind[:-1]} {v.name!r} has shape {list(shape)}: {hint}", f"{where}.shape")

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from .compile import FLOATS, Plan, Step
-from .errors import InvalidArgument
-from .run import State, Tape, backward, forward, full_buffers, run_steps
+from .cost import Cost, Limits, estimate
+from .errors import DeadlineExceeded, InvalidArgument
+from .run import State, Tape, backward, check_batch, forward, full_buffers, run_steps
 
 MODES = ("sparse", "full", "fast")
 F64 = np.dtype("<f8")
@@ -133,18 +135,24 @@ def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping
                    settings: CheckSettings = CheckSettings(), deadline: float | None = None,
                    on_step: Callable[[str, float], None] | None = None, *,
                    buffers: Mapping[str, np.ndarray] | None = None, train: bool = True,
-                   seed: int = 0) -> CheckReport:
+                   seed: int = 0, limits: Limits | None = None) -> CheckReport:
     """Check ``plan``'s gradients at (``inputs``, ``params``), which must pass check_batch
     and check_params for ``plan`` (``buffers`` check_buffers), in mode ``train`` with
     random ops seeded by ``seed``. Runs in float64; reads the given arrays, never writes them.
+    With ``limits``, a check that would not fit them raises ResourceExhausted before it starts.
 
     Non-finite values fail the tensor with a message naming it; they never raise."""
     settings.validate()
+    batch = check_batch(plan, inputs)
     plan = promote(plan)
+    slots = _selected(plan, settings)
+    if limits is not None:
+        cost = estimate(plan, batch)
+        limits.check(plan, cost, cost.forward_flops + cost.backward_flops + _numeric_flops(plan, cost, slots, settings),
+                     "this gradient check", "check fewer coordinates (sparse or fast mode) or use a smaller batch")
     inputs = {k: _widen(v) for k, v in inputs.items()}
     params = {k: _widen(v) for k, v in params.items()}
     buffers = {k: _widen(v) for k, v in full_buffers(plan, buffers).items()}
-    slots = _selected(plan, settings)
     tape = forward(plan, inputs, params, buffers, train=train, seed=seed, deadline=deadline, on_step=on_step)
     if not math.isfinite(tape.loss):
         where = _first_non_finite(plan, tape)
@@ -155,6 +163,13 @@ def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping
     checker = _Checker(plan, tape, settings, deadline, on_step, State(train, seed, buffers))
     tensors = tuple(checker.check(s, grads[plan.names[s]]) for s in slots)
     return CheckReport(tensors, tape.loss, settings, checker.numeric_steps)
+
+
+def _numeric_flops(plan: Plan, cost: Cost, slots: list[int], s: CheckSettings) -> int:
+    """Two partial forwards per checked coordinate (fast mode: per tensor)."""
+    def coordinates(n: int) -> int:
+        return n if s.mode == "full" else min(s.num_checks, n) if s.mode == "sparse" else 1
+    return sum(2 * coordinates(cost.elements[slot]) * cost.flops_of(downstream(plan, slot)) for slot in slots)
 
 
 def _widen(a: np.ndarray) -> np.ndarray:
@@ -217,30 +232,35 @@ class _Checker:
             u /= max(float(np.linalg.norm(u)), 1e-300)
             plus = self._loss_at(slot, x0 + s.eps * u, steps)
             minus = self._loss_at(slot, x0 - s.eps * u, steps)
-            index: list[tuple[int, ...]] = [()]
             analytic = np.array([np.vdot(grad, u)])
             numeric = np.array([(plus - minus) / (2 * s.eps)])
         else:
-            if s.mode == "full":
-                index = list(np.ndindex(x0.shape))
-            else:
-                flat = rng.choice(x0.size, size=min(s.num_checks, x0.size), replace=False)
-                index = [tuple(int(i) for i in np.unravel_index(f, x0.shape)) for f in np.sort(flat)]
+            # flat indices, lazily in full mode: never a list of every coordinate (16 M tuples = 1.8 GB)
+            flat = (range(x0.size) if s.mode == "full" else
+                    np.sort(rng.choice(x0.size, size=min(s.num_checks, x0.size), replace=False)))
             x = np.array(x0, dtype=F64, copy=True)  # private: perturbed in place, coordinate by coordinate
-            numeric = np.empty(len(index))
-            for k, idx in enumerate(index):
-                orig = x[idx]
-                x[idx] = orig + s.eps
+            xf = x.reshape(-1)  # a view of x
+            numeric = np.empty(len(flat))
+            for k, f in enumerate(flat):
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    raise DeadlineExceeded(f"deadline passed checking {name!r} after {k} of {len(flat)} "
+                                           f"coordinate(s)", name)
+                orig = xf[f]
+                xf[f] = orig + s.eps
                 plus = self._loss_at(slot, x, steps)
-                x[idx] = orig - s.eps
+                xf[f] = orig - s.eps
                 minus = self._loss_at(slot, x, steps)
-                x[idx] = orig
+                xf[f] = orig
                 numeric[k] = (plus - minus) / (2 * s.eps)
-            analytic = np.array([grad[idx] for idx in index], dtype=F64)
+            analytic = np.asarray(grad, F64).reshape(-1)
+            analytic = analytic if s.mode == "full" else analytic[flat]
+        index = (lambda k: ()) if s.mode == "fast" else (
+            lambda k: tuple(int(i) for i in np.unravel_index(flat[k], x0.shape)))
         return self._verdict(slot, name, grad, index, analytic, numeric)
 
-    def _verdict(self, slot: int, name: str, grad: np.ndarray, index: list[tuple[int, ...]],
+    def _verdict(self, slot: int, name: str, grad: np.ndarray, index: Callable[[int], tuple[int, ...]],
                  analytic: np.ndarray, numeric: np.ndarray) -> TensorCheck:
+        """``index(k)``: the coordinate of the k-th checked value."""
         s = self.settings
         with np.errstate(all="ignore"):
             finite = np.isfinite(analytic) & np.isfinite(numeric)
@@ -251,7 +271,7 @@ class _Checker:
             # how far outside the tolerance: > 1 fails; the worst coordinates come first
             excess = np.where(finite, abs_err / np.where(tolerance > 0, tolerance, 1e-300), np.inf)
         order = np.lexsort((-rel_err, -excess))
-        coords = [Coordinate(index[k], float(analytic[k]), float(numeric[k]), float(abs_err[k]),
+        coords = [Coordinate(index(int(k)), float(analytic[k]), float(numeric[k]), float(abs_err[k]),
                              float(rel_err[k])) for k in order[:max(s.max_worst, 1)]]
         message = ""
         bad_analytic = ~np.isfinite(grad)
@@ -261,15 +281,15 @@ class _Checker:
                        f"the first {grad[first]} at {list(first)}")
         elif not finite.all():
             k = int(np.argmin(finite))
-            where = "along a random direction" if s.mode == "fast" else f"at {list(index[k])}"
+            where = "along a random direction" if s.mode == "fast" else f"at {list(index(k))}"
             message = (f"numeric gradient of {name!r} is {numeric[k]} {where}: the loss is not finite at "
                        f"{name} +- eps")
         elif not close.all():
             w = coords[0]
             where = "along a random direction" if s.mode == "fast" else f"at {list(w.index)}"
-            message = (f"{name!r}: {int((~close).sum())} of {len(index)} checked coordinate(s) outside "
+            message = (f"{name!r}: {int((~close).sum())} of {len(analytic)} checked coordinate(s) outside "
                        f"atol + rtol * |numeric|; worst {where}: analytic {w.analytic:.6g}, "
                        f"numeric {w.numeric:.6g}, rel error {w.rel_error:.3g}")
-        return TensorCheck(name, slot in self.plan.inputs, tuple(int(d) for d in grad.shape), len(index),
+        return TensorCheck(name, slot in self.plan.inputs, tuple(int(d) for d in grad.shape), len(analytic),
                            float(rel_err.max(initial=0.0)), float(abs_err.max(initial=0.0)), bool(close.all()),
                            tuple(coords[:s.max_worst]), bool(bad_analytic.any() or not finite.all()), message)

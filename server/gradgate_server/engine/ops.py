@@ -15,6 +15,11 @@ dropout), ``random`` ops get ``rng=`` (a numpy Generator seeded from the batch's
 seed and the node, so a run is reproducible; None in eval mode), and ops with
 state ``buffers`` (batchnorm's running statistics) get each buffer by name and
 return ``(out, residuals, new_buffers)``.
+
+Two optional rules say what a node will cost before it runs (engine/cost.py), from
+``(out_shape, *input_shapes, **attrs)`` with the batch size filled in: ``flops``
+(default: the output's element count) and ``cached``, the elements its residuals keep
+besides its operands and output (default: as many as its largest operand).
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ class OpDef:
     # state: (*input shapes, **attrs) -> {buffer: (shape, initial fill value)}; forward takes each
     # buffer by name and returns (out, residuals, {buffer: new value}) (empty when nothing changes)
     buffers: Callable[..., dict[str, tuple[Shape, float]]] | None = None
+    flops: Callable[..., int] | None = None  # see the module doc
+    cached: Callable[..., int] | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -155,8 +162,8 @@ def reshape_shape(x: Shape, shape: tuple[int, ...] = ()) -> Shape:
     shape = tuple(int(d) for d in shape)
     if any(d < BATCH for d in shape) or shape.count(BATCH) > 1:
         raise ValueError(f"bad target shape {list(shape)}: dimensions must be >= 0, at most one -1")
-    known_in = int(np.prod([d for d in x if d != BATCH]))
-    known_out = int(np.prod([d for d in shape if d != BATCH]))
+    known_in = math.prod(d for d in x if d != BATCH)  # Python ints: np.prod wraps at 2**63
+    known_out = math.prod(d for d in shape if d != BATCH)
     if BATCH in x:  # the target's -1 carries the batch dimension
         if BATCH not in shape or known_in != known_out:
             raise ValueError(f"cannot reshape {fmt(x)} to {list(shape)}: keep -1 for the batch and "
@@ -191,6 +198,11 @@ def loss_shape(scores: Shape, labels: Shape, **_: Any) -> Shape:
 
 def constant_shape(value: np.ndarray) -> Shape:
     return np.shape(value)
+
+
+def per_element(k: int, of: int = 0) -> Callable[..., int]:
+    """A rule: k per element of input ``of`` (reductions, losses, normalizations)."""
+    return lambda out, *ins, **_: k * math.prod(ins[of])
 
 
 # -- elementwise ---------------------------------------------------------------
@@ -284,7 +296,8 @@ def _matmul_db(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 defop("matmul", ("a", "b"), _matmul, _matmul_da, _matmul_db,
-      shape=matmul_shape, doc="matrix product with numpy's rules: (..., n, k) @ (..., k, m), leading axes "
+      shape=matmul_shape, flops=lambda out, a, b: 2 * math.prod(out) * a[-1],
+      doc="matrix product with numpy's rules: (..., n, k) @ (..., k, m), leading axes "
                               "broadcast, 1-D operands promoted")
 
 
@@ -310,7 +323,8 @@ defop("affine", ("x", "w", "b"), _affine,
       lambda g, x2, w, x_shape: np.dot(_rows(g), w.T).reshape(x_shape),
       lambda g, x2, w, x_shape: np.dot(x2.T, _rows(g)),
       lambda g, x2, w, x_shape: _rows(g).sum(axis=0),
-      shape=affine_shape, doc="x @ w + b: a fully connected layer; x (..., D), w (D, M), b (M,)")
+      shape=affine_shape, flops=lambda out, x, w, b: 2 * math.prod(out) * w[0],
+      doc="x @ w + b: a fully connected layer; x (..., D), w (D, M), b (M,)")
 
 
 def _sum(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> tuple[Any, tuple]:
@@ -336,10 +350,10 @@ def _spread(g: np.ndarray, shape: Shape, axes: tuple[int, ...], keepdims: bool, 
 
 
 defop("sum", ("x",), _sum, _spread, attrs={"axis": None, "keepdims": False},
-      shape=reduce_shape, float_only=False, doc="sum over axis (None = all), optionally keeping dims")
+      shape=reduce_shape, float_only=False, flops=per_element(1), doc="sum over axis (None = all), optionally keeping dims")
 
 defop("mean", ("x",), _mean, _spread, attrs={"axis": None, "keepdims": False},
-      shape=reduce_shape, doc="mean over axis (None = all), optionally keeping dims")
+      shape=reduce_shape, flops=per_element(1), doc="mean over axis (None = all), optionally keeping dims")
 
 defop("reshape", ("x",), lambda x, shape: (x.reshape(shape), (x.shape,)),
       lambda g, x_shape: g.reshape(x_shape),
@@ -363,7 +377,7 @@ defop("constant", (), lambda value: (value, ()),
 
 defop("l2", ("w",), lambda w: (np.sum(w * w), (w,)),
       lambda g, w: 2 * g * w,
-      shape=scalar, doc="sum(w * w), the L2 regularization penalty")
+      shape=scalar, flops=per_element(2), doc="sum(w * w), the L2 regularization penalty")
 
 
 # -- losses (averaged over the batch, as in CS231n) -------------------------------
@@ -390,7 +404,7 @@ def _softmax_cross_entropy(scores: np.ndarray, labels: np.ndarray) -> tuple[Any,
 defop("softmax_cross_entropy", ("scores", "labels"), _softmax_cross_entropy,
       lambda g, dscores: g * dscores,
       None,
-      shape=loss_shape, int_inputs=("labels",),
+      shape=loss_shape, int_inputs=("labels",), flops=per_element(6),
       doc="mean over the batch of -log softmax(scores)[label]; scores (N, C), labels (N,)")
 
 
@@ -408,7 +422,7 @@ def _svm_loss(scores: np.ndarray, labels: np.ndarray, margin: float = 1.0) -> tu
 defop("svm_loss", ("scores", "labels"), _svm_loss,
       lambda g, dscores: g * dscores,
       None,
-      attrs={"margin": 1.0}, shape=loss_shape, int_inputs=("labels",),
+      attrs={"margin": 1.0}, shape=loss_shape, int_inputs=("labels",), flops=per_element(5),
       doc="multiclass hinge loss, mean over the batch of sum_j max(0, s_j - s_label + margin)")
 
 
@@ -484,11 +498,12 @@ def _log_softmax(x: np.ndarray, axis: int = -1) -> tuple[Any, tuple]:
 
 defop("softmax", ("x",), _softmax,
       lambda g, out, axis: out * (g - (g * out).sum(axis=axis, keepdims=True)),
-      attrs={"axis": -1}, shape=axis_shape, doc="exp(x) / sum(exp(x)) along axis")
+      attrs={"axis": -1}, shape=axis_shape, flops=per_element(5), doc="exp(x) / sum(exp(x)) along axis")
 
 defop("log_softmax", ("x",), _log_softmax,
       lambda g, out, axis: g - np.exp(out) * g.sum(axis=axis, keepdims=True),
-      attrs={"axis": -1}, shape=axis_shape, doc="x - log(sum(exp(x))) along axis (stable)")
+      attrs={"axis": -1}, shape=axis_shape, flops=per_element(5),
+      doc="x - log(sum(exp(x))) along axis (stable)")
 
 
 # -- structure ----------------------------------------------------------------------
@@ -498,10 +513,9 @@ def flatten_shape(x: Shape, axis: int = 1) -> Shape:
         raise ValueError(f"axis must be an int in [{-len(x)}, {len(x)}], got {axis}")
     axis = axis + len(x) if axis < 0 else axis
     head, tail = x[:axis], x[axis:]
-    if BATCH in tail or (BATCH in head and int(np.prod([d for d in head if d != BATCH])) != 1):
+    if BATCH in tail or (BATCH in head and math.prod(d for d in head if d != BATCH) != 1):
         raise ValueError(f"flattening {fmt(x)} at axis {axis} would merge the batch dimension with others")
-    known = int(np.prod(tail))
-    return (BATCH if BATCH in head else int(np.prod(head)), known)
+    return (BATCH if BATCH in head else math.prod(head), math.prod(tail))
 
 
 def _flatten(x: np.ndarray, axis: int = 1) -> tuple[Any, tuple]:
@@ -715,6 +729,8 @@ def _conv2d_dw(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, w
 defop("conv2d", ("x", "w", "b"), _conv2d, _conv2d_dx, _conv2d_dw,
       lambda g, *_: g.sum(axis=(0, 2, 3)),
       attrs={"stride": 1, "padding": 0, "dilation": 1, "groups": 1}, shape=conv2d_shape, optional=1,
+      flops=lambda out, x, w, *b, **_: 2 * math.prod(out) * w[1] * w[2] * w[3],
+      cached=lambda out, x, w, *b, **_: out[0] * x[1] * w[2] * w[3] * out[2] * out[3],  # im2col columns
       doc="2-D convolution (cross-correlation), NCHW: x (N, C, H, W), w (F, C/groups, kh, kw), optional b (F,)")
 
 
@@ -726,6 +742,10 @@ def pool_shape(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, 
         raise ValueError(f"padding {win.pads} must be smaller than the (dilated) window, so that every "
                          "window overlaps the input")
     return (x[0], x[1], win.ho, win.wo)
+
+
+def _pool_flops(out: Shape, x: Shape, kernel: Any = 2, **_: Any) -> int:
+    return math.prod(out) * math.prod(_pair(kernel, "kernel", 1))
 
 
 def _max_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any = 0,
@@ -753,7 +773,7 @@ def _max_pool2d_dx(g: np.ndarray, arg: np.ndarray, x_shape: Shape, win: Window) 
 
 
 defop("max_pool2d", ("x",), _max_pool2d, _max_pool2d_dx,
-      attrs={"kernel": 2, "stride": None, "padding": 0, "dilation": 1}, shape=pool_shape,
+      attrs={"kernel": 2, "stride": None, "padding": 0, "dilation": 1}, shape=pool_shape, flops=_pool_flops,
       doc="max over (kernel) windows of NCHW x; stride None = kernel; the gradient goes to each window's maximum")
 
 
@@ -779,6 +799,7 @@ def _avg_pool2d_dx(g: np.ndarray, count: Any, x_shape: Shape, win: Window) -> np
 
 defop("avg_pool2d", ("x",), _avg_pool2d, _avg_pool2d_dx,
       attrs={"kernel": 2, "stride": None, "padding": 0, "count_include_pad": True}, shape=pool_shape,
+      flops=_pool_flops,
       doc="mean over (kernel) windows of NCHW x; stride None = kernel; count_include_pad: padding counts in "
           "the divisor (PyTorch's default; ONNX's is False)")
 
@@ -830,7 +851,7 @@ def _batchnorm_dx(g: np.ndarray, xhat: np.ndarray, inv_std: np.ndarray, gamma: n
 defop("batchnorm", ("x", "gamma", "beta"), _batchnorm, _batchnorm_dx,
       lambda g, xhat, inv_std, gamma, axes, train: (g * xhat).sum(axis=axes),
       lambda g, xhat, inv_std, gamma, axes, train: g.sum(axis=axes),
-      attrs={"momentum": 0.9, "eps": 1e-5}, shape=batchnorm_shape, train=True,
+      attrs={"momentum": 0.9, "eps": 1e-5}, shape=batchnorm_shape, train=True, flops=per_element(8),
       buffers=lambda x, *_, **__: {"running_mean": ((x[1],), 0.0), "running_var": ((x[1],), 1.0)},
       doc="batch normalization per channel (axis 1) over the batch and spatial axes; train mode updates "
           "running = momentum * running + (1 - momentum) * batch (unbiased variance), eval mode uses them")
@@ -867,7 +888,8 @@ def _layernorm_dx(g: np.ndarray, xhat: np.ndarray, inv_std: np.ndarray, gamma: n
 defop("layernorm", ("x", "gamma", "beta"), _layernorm, _layernorm_dx,
       lambda g, xhat, *_: g * xhat,
       lambda g, *_: g,
-      attrs={"eps": 1e-5, "axis": -1}, shape=layernorm_shape,
+      attrs={"eps": 1e-5, "axis": -1}, shape=layernorm_shape, flops=per_element(8),
+      cached=lambda out, x, *_, **__: 2 * math.prod(x),  # xhat, and 1/std per normalized group
       doc="layer normalization over the dimensions from axis (default the last); gamma, beta of that shape")
 
 
@@ -910,7 +932,7 @@ def _mse_loss(pred: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
 defop("mse_loss", ("pred", "target"), _mse_loss,
       lambda g, d: g * d,
       lambda g, d: -g * d,
-      shape=pair_loss_shape, doc="mean of (pred - target)**2 over all elements")
+      shape=pair_loss_shape, flops=per_element(3), doc="mean of (pred - target)**2 over all elements")
 
 
 def _bce_with_logits(logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple]:
@@ -924,5 +946,6 @@ def _bce_with_logits(logits: np.ndarray, target: np.ndarray) -> tuple[Any, tuple
 defop("bce_with_logits", ("logits", "target"), _bce_with_logits,
       lambda g, dlogits, dtarget: g * dlogits,
       lambda g, dlogits, dtarget: -g * dtarget,
-      shape=pair_loss_shape, doc="mean binary cross-entropy of sigmoid(logits) against targets in [0, 1], "
-                                 "computed stably from the logits")
+      shape=pair_loss_shape, flops=per_element(8), cached=per_element(2),
+      doc="mean binary cross-entropy of sigmoid(logits) against targets in [0, 1], "
+          "computed stably from the logits")

@@ -13,6 +13,7 @@ dict and never written: a train-mode forward returns their new values in
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ import numpy as np
 from .compile import Plan, Step
 from .errors import DeadlineExceeded, InvalidArgument
 from .ops import BATCH, fmt, unbroadcast
+
+# The mean of an empty value is NaN, reported like any NaN (np.errstate below); numpy also
+# warns about it through ``warnings``, which errstate does not cover, onto the server's stderr.
+warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
 
 
 @dataclass
