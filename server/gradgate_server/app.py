@@ -80,16 +80,17 @@ class Server:
         self._server.wait_for_termination()
 
     def _sweep(self) -> None:
-        """Expire idle sessions; hand memory that sessions gave back to the OS once 16 MiB
-        of it piles up, or as soon as a second passes with nothing more given back."""
-        pending = 0
+        """Expire idle sessions, and hand memory that sessions gave back to the OS: when 16 MiB
+        of it piles up, and again once a sweep finds nothing more given back (memory still in
+        use at the first release, by a call finishing say, has been freed by then)."""
+        given_back = 0
         while not self._stopped.wait(min(1.0, max(0.05, self.config.session_ttl_seconds))):
             freed = self.store.sweep()
-            pending += freed
-            if pending > 16 * 2**20 or (pending and not freed):
+            given_back += freed
+            if given_back > 16 * 2**20 or (given_back and not freed):
                 gc.collect()  # reference cycles (an error's traceback, say) may still hold arrays
                 release_memory()
-                pending = 0
+                given_back = 1 if freed else 0  # released mid-activity: once more when it settles
 
     def __enter__(self) -> Server:
         return self
