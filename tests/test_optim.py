@@ -46,3 +46,26 @@ def test_step_keeps_inputs_and_float32(opt):
     assert new["w"].dtype == np.float32
     np.testing.assert_array_equal(params["w"], np.ones(3))
     assert new["w"] is not params["w"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: optim.SGD(lr=0), "lr must be a finite number > 0"),
+    (lambda: optim.SGD(lr=float("inf")), "lr must be a finite number > 0"),
+    (lambda: optim.SGD(lr=0.1, momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (lambda: optim.Adam(lr=float("nan")), "lr must be a finite number > 0"),
+    (lambda: optim.Adam(betas=(0.9, 1.5)), r"beta2 must be in \[0, 1\)"),
+    (lambda: optim.Adam(eps=0), "eps must be a finite number > 0"),
+])
+def test_settings_are_checked(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_state_round_trips_through_proto_and_load_state():
+    opt = optim.Adam(0.1)
+    p1 = opt.step(P, G1)
+    again = optim.from_proto(opt.to_proto())
+    again.load_state(opt.step_count, opt.state())
+    np.testing.assert_array_equal(again.step(p1, G2)["w"], opt.step(p1, G2)["w"])
+    with pytest.raises(ValueError, match="unknown optimizer state 'velocity/w' for Adam"):
+        again.load_state(1, {"velocity/w": np.zeros(2)})

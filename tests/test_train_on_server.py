@@ -140,6 +140,8 @@ def test_bad_uploads_and_train_starts_are_clear_errors(client) -> None:
         sess.upload({"x": x, "y": y})
         e = start(epochs=1)
         assert e.code() == Code.INVALID_ARGUMENT and "no optimizer given" in e.details()
+        e = start(optimizer=train_pb2.Optimizer(adam=train_pb2.Adam(lr=float("inf"))), epochs=1)
+        assert e.code() == Code.INVALID_ARGUMENT and "lr must be a finite number > 0, got inf" in e.details()
         e = start(optimizer=gg.optim.SGD(0.1).to_proto(), epochs=1, start_step=9)
         assert e.code() == Code.INVALID_ARGUMENT and "past the schedule's 1 steps" in e.details()
         e = start(optimizer=gg.optim.SGD(0.1).to_proto(), batches=[train_pb2.RowRange(start=2, stop=9)])

@@ -10,6 +10,7 @@ own state arrays in place.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -79,7 +80,7 @@ class SGD(_Slots):
 
     def __init__(self, lr: float, momentum: float = 0.0):
         super().__init__()
-        self.lr, self.momentum = float(lr), float(momentum)
+        self.lr, self.momentum = _positive("lr", lr), _fraction("momentum", momentum)
 
     def state_bytes(self, params: Arrays) -> int:
         return super().state_bytes(params) if self.momentum else 0
@@ -107,7 +108,8 @@ class Adam(_Slots):
 
     def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__()
-        self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+        self.lr, self.eps = _positive("lr", lr), _positive("eps", eps)
+        self.betas = (_fraction("beta1", betas[0]), _fraction("beta2", betas[1]))
 
     def step(self, params: Arrays, grads: Arrays) -> dict[str, np.ndarray]:
         b1, b2 = self.betas
@@ -133,6 +135,20 @@ class Adam(_Slots):
     def to_proto(self) -> train_pb2.Optimizer:
         return train_pb2.Optimizer(adam=train_pb2.Adam(lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
                                                        eps=self.eps))
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
 
 
 def from_proto(msg: train_pb2.Optimizer) -> SGD | Adam:

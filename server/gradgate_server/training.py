@@ -175,7 +175,9 @@ class Training:
             admit(plan, inputs, self.config.limits, backward=True)  # bounded before anything is allocated
             tape = forward(plan, inputs, session.params, session.buffers, seed=seed)
             grads = backward(plan, tape, plan.params)
-            self.store.commit(session, params=optimizer.step(session.params, grads), buffers=tape.updates, tape=None)
+            with np.errstate(all="ignore"):  # a diverging run gives NaN losses, not warnings on stderr
+                params = optimizer.step(session.params, grads)
+            self.store.commit(session, params=params, buffers=tape.updates, tape=None)
         self.metrics.examples_processed(tape.batch_size)
         self.metrics.check_finite("loss", (tape.loss,))
         return tape.loss
