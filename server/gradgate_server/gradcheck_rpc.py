@@ -14,7 +14,7 @@ from gradgate.v1 import gradcheck_pb2, graph_pb2
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from .config import Config
-from .engine import InvalidArgument, check_batch, check_params, compile_graph
+from .engine import InvalidArgument, Watch, check_batch, check_params, compile_graph
 from .engine.gradcheck import CheckReport, CheckSettings, gradient_check
 from .sessions import SessionStore
 
@@ -65,7 +65,7 @@ def result_to_proto(report: CheckReport) -> gradcheck_pb2.GradCheckResult:
 
 
 def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, dict[str, np.ndarray]],
-                       store: SessionStore, config: Config, deadline: float | None = None,
+                       store: SessionStore, config: Config, deadline: Watch | float | None = None,
                        on_step: Callable[[str, float], None] | None = None) -> gradcheck_pb2.GradCheckResult:
     """``arrays``: the request's decoded tensor maps (params, inputs)."""
     settings = settings_from_proto(request.settings)

@@ -24,10 +24,11 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from .logs import ACCESS, access
+
 if TYPE_CHECKING:
     from .sessions import SessionStore
 
-log = logging.getLogger("gradgate_server.rpc")
 
 # Calls range from a ~0.3 ms ListOps to multi-second forwards on big batches.
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
@@ -142,15 +143,13 @@ class Metrics:
     def check_finite(self, kind: str, values: Iterable[Any]) -> None:
         """Count NaN/Inf among ``values`` (floats or arrays); ``kind`` is loss | gradient."""
         bad = 0
-        for v in values:
-            if isinstance(v, float):
-                bad += not math.isfinite(v)
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):  # huge finite values: counted, not warned about
-                total = float(np.add.reduce(v, None)) if v.dtype.kind == "f" and v.size else 0.0
-            if not math.isfinite(total):
-                # one pass; a sum is NaN/Inf if any element is (or if it overflows: then the count finds 0)
-                bad += v.size - int(np.count_nonzero(np.isfinite(v)))
+        with np.errstate(all="ignore"):  # huge finite values: counted below, not warned about
+            for v in values:
+                if isinstance(v, float):
+                    bad += not math.isfinite(v)
+                elif v.dtype.kind == "f" and v.size and not math.isfinite(np.add.reduce(v, None)):
+                    # one pass: a sum is NaN/Inf if any element is (or if it overflows: then the count finds 0)
+                    bad += v.size - int(np.count_nonzero(np.isfinite(v)))
         if bad:
             self.nonfinite.labels(kind).inc(bad)
 
@@ -264,7 +263,7 @@ class RpcRecord:
                         else grpc.StatusCode.CANCELLED)
         self.method.handled(code)
         self.method.seconds(seconds)
-        if log.isEnabledFor(logging.INFO):
+        if ACCESS.isEnabledFor(logging.INFO):
             self._log(code, seconds, details)
 
     def _log(self, code: grpc.StatusCode, seconds: float, details: str) -> None:
@@ -275,7 +274,7 @@ class RpcRecord:
             fields["session"] = self.session[:8]  # enough to correlate, useless as a credential
         if details:  # our messages name nodes, fields and shapes, never tensor values
             fields["error"] = details[:300]
-        log.info("%s", _Line(fields), extra={"fields": fields})
+        access(fields, _Line(fields))
 
 
 class _Line:

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from gradgate.codec import decode, encode
 from gradgate.v1 import gradient_service_pb2
 
-from .engine import ResourceExhausted
+from .engine import ResourceExhausted, Watch
 from .errors import status_of
 from .metrics import Metrics, RpcRecord
 
@@ -34,18 +34,21 @@ class Call:
     """One decoded request: ``msg`` without its tensor maps, ``arrays[field][name]`` for those,
     and the grpc ``context``. ``reply`` encodes the answer and checks it fits."""
 
-    __slots__ = ("msg", "arrays", "context", "max_message_bytes", "session_id")
+    __slots__ = ("msg", "arrays", "context", "max_message_bytes", "session_id", "_watch")
 
     def __init__(self, msg: Any, arrays: dict[str, dict[str, np.ndarray]], context: grpc.ServicerContext,
                  max_message_bytes: int):
         self.msg, self.arrays, self.context, self.max_message_bytes = msg, arrays, context, max_message_bytes
         self.session_id: str = getattr(msg, "session_id", "")  # for the access log; CreateSession sets it
+        self._watch: Watch | None = None
 
     @property
-    def deadline(self) -> float | None:
-        """The call's deadline on ``time.monotonic``'s clock, or None."""
-        remaining = self.context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+    def watch(self) -> Watch:
+        """When the engine must stop computing for this call: its deadline, or the client gone."""
+        if self._watch is None:
+            remaining = self.context.time_remaining()
+            self._watch = Watch(None if remaining is None else time.monotonic() + remaining, self.context.is_active)
+        return self._watch
 
     def reply(self, message: Message, **arrays: Mapping[str, Any] | None) -> bytes:
         """``message`` with its tensor maps, encoded. Raises ResourceExhausted (before the

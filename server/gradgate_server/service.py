@@ -17,7 +17,7 @@ from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import graph_pb2
 
 from .config import Config
-from .engine import (OPS, DeadlineExceeded, InvalidArgument, Plan, Tape, backward, check_buffers, check_params,
+from .engine import (OPS, InvalidArgument, Plan, Tape, backward, check_buffers, check_params,
                      compile_graph, forward, full_buffers)
 from .engine.cost import admit
 from .engine.ops import REQUIRED
@@ -26,9 +26,6 @@ from .metrics import Metrics
 from .rpc import Call
 from .sessions import KEEP, Session, SessionStore
 from .training import Training
-
-
-LIVENESS_SECONDS = 0.005
 
 
 class GradientService:
@@ -43,35 +40,21 @@ class GradientService:
 
     # -- helpers shared by the RPCs --------------------------------------------
 
-    def watch(self, context: grpc.ServicerContext, pass_: str) -> Callable[[str, float], None]:
-        """The engine's per-step hook: stop computing for a call that is gone (cancelled, past
-        its deadline, or cut off by shutdown; asked at most every ``LIVENESS_SECONDS`` of
-        compute), and time the ops of one call in ``op_timing_every`` (per-op metrics are a
-        sample; per-call metrics count every call)."""
+    def timer(self, pass_: str) -> Callable[[str, float], None] | None:
+        """The engine's per-op hook for one call in ``op_timing_every``: per-op metrics are a
+        sample, per-call metrics count every call."""
         every = self.config.op_timing_every
-        timer = self._timers.get(pass_) if every and next(self._calls) % every == 0 else None
-        computed = 0.0
-
-        def hook(op: str, seconds: float) -> None:
-            nonlocal computed
-            if timer is not None:
-                timer(op, seconds)
-            computed += seconds
-            if computed > LIVENESS_SECONDS:
-                computed = 0.0
-                if not context.is_active():
-                    raise DeadlineExceeded("the call ended (cancelled or past its deadline) before the pass finished")
-        return hook
+        return self._timers.get(pass_) if every and next(self._calls) % every == 0 else None
 
     def _forward(self, session: Session, call: Call, backward: bool = False) -> tuple[Tape, dict[str, np.ndarray]]:
         """Run the request's forward with its parameters applied (nothing committed)."""
         params = call.arrays["params"]
         if params:
             check_params(session.plan, params, complete=False)
-        admit(session.plan, call.arrays["inputs"], self.limits, backward)  # bounded before anything is allocated
+        cost = admit(session.plan, call.arrays["inputs"], self.limits, backward)  # bounded before anything runs
         tape = forward(session.plan, call.arrays["inputs"], {**session.params, **params} if params else session.params,
                        session.buffers, train=call.msg.mode != graph_pb2.MODE_EVAL, seed=call.msg.seed,
-                       deadline=call.deadline, on_step=self.watch(call.context, "forward"))
+                       deadline=call.watch, on_step=self.timer("forward"), batch=cost.batch)
         return tape, params
 
     def _buffers(self, session: Session, tape: Tape) -> dict[str, np.ndarray] | None:
@@ -89,7 +72,7 @@ class GradientService:
                call: Call) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         plan = session.plan
         inputs = [s for s in plan.inputs if plan.dtypes[s] == plan.dtype] if input_grads else []
-        grads = backward(plan, tape, [*plan.params, *inputs], call.deadline, self.watch(call.context, "backward"))
+        grads = backward(plan, tape, [*plan.params, *inputs], call.watch, self.timer("backward"))
         self.metrics.check_finite("gradient", grads.values())
         return ({plan.names[s]: grads[plan.names[s]] for s in plan.params},
                 {plan.names[s]: grads[plan.names[s]] for s in inputs})
@@ -170,8 +153,7 @@ class GradientService:
 
     def GradientCheck(self, call: Call) -> bytes:
         # the perturbed partial forwards are not timed as "forward" ops; the hook only stops a dead call
-        result = run_gradient_check(call.msg, call.arrays, self.store, self.config, call.deadline,
-                                    self.watch(call.context, "check"))
+        result = run_gradient_check(call.msg, call.arrays, self.store, self.config, call.watch)
         self.metrics.gradient_check(result.passed)
         return call.reply(pb.GradientCheckResponse(result=result))
 

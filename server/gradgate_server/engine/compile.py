@@ -65,6 +65,7 @@ class Plan:
     slot: dict[str, int]
     buffers: tuple[Buffer, ...] = ()
     _masks: dict[frozenset[int], tuple[tuple[bool, ...], ...]] = field(default_factory=dict, repr=False)
+    _backward: dict[frozenset[int], tuple] = field(default_factory=dict, repr=False)  # see backward_steps
     _costs: dict[int, Any] = field(default_factory=dict, repr=False)  # batch size -> cost.Cost
 
     @property
@@ -92,6 +93,17 @@ class Plan:
                           for step in self.steps)
             self._masks[wrt] = masks
         return masks
+
+    def backward_steps(self, wrt: frozenset[int]) -> tuple[tuple[int, Step, tuple[tuple[int, Callable], ...]], ...]:
+        """Backward's work for the gradients of ``wrt``, in reverse order: (step index, step, its
+        (input slot, vjp) pairs that lead back to ``wrt``); steps with no such pair are left out."""
+        work = self._backward.get(wrt)
+        if work is None:
+            work = self._backward[wrt] = tuple(
+                (i, step, tuple((a, vjp) for a, vjp, wanted in zip(step.args, step.vjps, mask) if wanted))
+                for i, (step, mask) in reversed(list(enumerate(zip(self.steps, self.grad_masks(wrt)))))
+                if any(mask))
+        return work
 
 
 def _error(message: str, field: str) -> InvalidArgument:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import numpy as np
 from .compile import FLOATS, Plan, Step
 from .cost import Cost, Limits, estimate
 from .errors import DeadlineExceeded, InvalidArgument
-from .run import State, Tape, backward, check_batch, forward, full_buffers, run_steps
+from .run import State, Tape, Watch, backward, check_batch, forward, full_buffers, run_steps
 
 MODES = ("sparse", "full", "fast")
 F64 = np.dtype("<f8")
@@ -117,7 +116,7 @@ def promote(plan: Plan) -> Plan:
                   for s in plan.steps)
     return dataclasses.replace(plan, dtype=F64, dtypes=tuple(F64 if d in FLOATS else d for d in plan.dtypes),
                                steps=steps, buffers=tuple(dataclasses.replace(b, dtype=F64) for b in plan.buffers),
-                               _masks={})
+                               _masks={}, _backward={}, _costs={})
 
 
 def downstream(plan: Plan, slot: int) -> tuple[Step, ...]:
@@ -132,7 +131,7 @@ def downstream(plan: Plan, slot: int) -> tuple[Step, ...]:
 
 
 def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
-                   settings: CheckSettings = CheckSettings(), deadline: float | None = None,
+                   settings: CheckSettings = CheckSettings(), deadline: Watch | float | None = None,
                    on_step: Callable[[str, float], None] | None = None, *,
                    buffers: Mapping[str, np.ndarray] | None = None, train: bool = True,
                    seed: int = 0, limits: Limits | None = None) -> CheckReport:
@@ -209,16 +208,16 @@ def _unchecked(plan: Plan, tape: Tape, slot: int, message: str) -> TensorCheck:
 class _Checker:
     """Numeric gradients of one base point, tensor by tensor."""
 
-    def __init__(self, plan: Plan, tape: Tape, settings: CheckSettings, deadline: float | None,
+    def __init__(self, plan: Plan, tape: Tape, settings: CheckSettings, deadline: Watch | float | None,
                  on_step: Callable[[str, float], None] | None, state: State):
         self.plan, self.tape, self.settings, self.state = plan, tape, settings, state
-        self.deadline, self.on_step = deadline, on_step
+        self.watch, self.on_step = Watch.of(deadline), on_step
         self.numeric_steps = 0
 
     def _loss_at(self, slot: int, x: np.ndarray, steps: tuple[Step, ...]) -> float:
         values = list(self.tape.values)  # a new list: the base values are shared, never written
         values[slot] = x
-        run_steps(self.plan, values, steps, self.deadline, self.on_step, self.state)
+        run_steps(self.plan, values, steps, self.watch, self.on_step, self.state)
         self.numeric_steps += len(steps)
         return float(values[self.plan.loss])
 
@@ -242,9 +241,12 @@ class _Checker:
             xf = x.reshape(-1)  # a view of x
             numeric = np.empty(len(flat))
             for k, f in enumerate(flat):
-                if self.deadline is not None and time.monotonic() > self.deadline:
-                    raise DeadlineExceeded(f"deadline passed checking {name!r} after {k} of {len(flat)} "
-                                           f"coordinate(s)", name)
+                if self.watch is not None:  # between coordinates too: one may need no step at all
+                    try:
+                        self.watch.check(name)
+                    except DeadlineExceeded as e:
+                        raise DeadlineExceeded(f"{e.message} (checking {name!r}: {k} of {len(flat)} coordinates "
+                                               "done)", name) from None
                 orig = xf[f]
                 xf[f] = orig + s.eps
                 plus = self._loss_at(slot, x, steps)

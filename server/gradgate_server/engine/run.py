@@ -137,20 +137,48 @@ class State:
         return out, res
 
 
-# Optional per-step hook: called with (op name, seconds) after each step; it may raise
-# to stop the pass (the server uses it for metrics and to stop work for a cancelled call).
+# Optional per-step hook: called with (op name, seconds) after each step (the server times
+# a sample of its calls' ops with it).
 OnStep = Callable[[str, float], None]
+
+
+class Watch:
+    """When a pass must stop: once ``deadline`` (on time.monotonic's clock) has passed, or once
+    ``alive()`` says its caller is gone (asked at most every ``every`` seconds: a call that
+    takes microseconds never asks). ``check`` raises DeadlineExceeded naming the node."""
+
+    __slots__ = ("deadline", "alive", "every", "_next")
+
+    def __init__(self, deadline: float | None = None, alive: Callable[[], bool] | None = None,
+                 every: float = 0.005):
+        self.deadline, self.alive, self.every = deadline, alive, every
+        self._next = time.monotonic() + every
+
+    @classmethod
+    def of(cls, deadline: Watch | float | None) -> Watch | None:
+        return deadline if deadline is None or isinstance(deadline, Watch) else cls(deadline)
+
+    def check(self, node: str) -> None:
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            raise DeadlineExceeded(f"deadline passed before node {node!r}", node)
+        if self.alive is not None and now > self._next:
+            self._next = now + self.every
+            if not self.alive():
+                raise DeadlineExceeded(f"the call ended (cancelled, past its deadline or cut off by shutdown) "
+                                       f"before node {node!r}", node)
 
 
 def forward(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
             buffers: Mapping[str, np.ndarray] | None = None, *, train: bool = True, seed: int = 0,
-            deadline: float | None = None, on_step: OnStep | None = None) -> Tape:
+            deadline: Watch | float | None = None, on_step: OnStep | None = None, batch: int = 0) -> Tape:
     """Run every step; ``inputs`` must pass check_batch, ``params`` check_params and
     ``buffers`` check_buffers (missing ones take their initial values).
 
     ``train`` selects the mode; ``seed`` (with each node's name) seeds random ops, so
-    the same seed gives the same dropout masks. New buffer values are in ``tape.updates``."""
-    batch = check_batch(plan, inputs)
+    the same seed gives the same dropout masks. New buffer values are in ``tape.updates``.
+    ``batch``: the batch size check_batch returned, when the caller has run it already."""
+    batch = batch or check_batch(plan, inputs)
     values: list = [None] * len(plan.names)
     for s in plan.inputs:
         values[s] = inputs[plan.names[s]]
@@ -167,15 +195,16 @@ def full_buffers(plan: Plan, buffers: Mapping[str, np.ndarray] | None) -> dict[s
     return {b.name: buffers[b.name] if b.name in buffers else b.initial() for b in plan.buffers}
 
 
-def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: float | None = None,
+def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: Watch | float | None = None,
               on_step: OnStep | None = None, state: State | None = None) -> list[tuple]:
     """Compute ``steps`` in order into ``values``; return their residuals."""
     state = state or State(buffers=full_buffers(plan, None))
+    watch = Watch.of(deadline)
     residuals = []
     with np.errstate(all="ignore"):  # NaN/Inf are reported as values, not warnings
         for step in steps:
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded(f"deadline passed before node {step.name!r}", step.name)
+            if watch is not None:
+                watch.check(step.name)
             start = time.perf_counter() if on_step is not None else 0.0
             try:
                 args = [values[a] for a in step.args]
@@ -192,7 +221,7 @@ def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: float |
     return residuals
 
 
-def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None = None,
+def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: Watch | float | None = None,
              on_step: OnStep | None = None) -> dict[str, np.ndarray]:
     """Gradients of the loss with respect to the slots ``wrt``, by name.
 
@@ -200,25 +229,25 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: float | None 
     wrt = frozenset(wrt)
     grads: list = [None] * len(plan.names)
     grads[plan.loss] = np.ones((), plan.dtype)
-    masks = plan.grad_masks(wrt)
+    values, residuals = tape.values, tape.residuals
+    watch = Watch.of(deadline)
     with np.errstate(all="ignore"):
-        for i in reversed(range(len(plan.steps))):
-            step = plan.steps[i]
+        for i, step, pairs in plan.backward_steps(wrt):
             g = grads[step.out]
             if g is None:
                 continue
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded(f"deadline passed in backward at node {step.name!r}", step.name)
+            if watch is not None:
+                watch.check(step.name)
             start = time.perf_counter() if on_step is not None else 0.0
-            res = tape.residuals[i]
-            for arg, vjp, wanted in zip(step.args, step.vjps, masks[i]):
-                if wanted:
-                    gi = vjp(g, *res)  # type: ignore[misc]  # wanted is False where vjp is None
-                    shape = tape.values[arg].shape
-                    if gi.shape != shape:
-                        gi = unbroadcast(gi, shape)
-                    grads[arg] = gi if grads[arg] is None else grads[arg] + gi
+            res = residuals[i]
+            for arg, vjp in pairs:
+                gi = vjp(g, *res)
+                shape = values[arg].shape
+                if gi.shape != shape:
+                    gi = unbroadcast(gi, shape)
+                before = grads[arg]
+                grads[arg] = gi if before is None else before + gi
             if on_step is not None:
                 on_step(step.op.name, time.perf_counter() - start)
-    return {plan.names[s]: np.zeros_like(tape.values[s], plan.dtype) if grads[s] is None
+    return {plan.names[s]: np.zeros_like(values[s], plan.dtype) if grads[s] is None
             else np.asarray(grads[s], plan.dtype) for s in wrt}
