@@ -169,7 +169,7 @@ def test_training_on_the_server_survives_sigkill_and_restart(caplog) -> None:
     """The server process is killed with SIGKILL mid-run and restarted on the same port a
     moment later; the SDK waits for it, re-creates the session from the last sync and
     resumes, ending with the parameters and losses of an uninterrupted run."""
-    kw = dict(epochs=60, batch_size=10, seed=3, sync_every=25)
+    kw = dict(epochs=200, batch_size=10, seed=3, sync_every=25)  # 3,600 steps: a wide window for the kill
     with gg.connect(timeout=20) as local:
         expected, expected_params = run(local, gg.optim.Adam(0.01), True, **kw)
 
@@ -185,7 +185,7 @@ def test_training_on_the_server_survives_sigkill_and_restart(caplog) -> None:
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and \
                         Scrape.of(server.metrics_address).value("gradgate_examples_processed_total") < 3000:
-                    time.sleep(0.01)  # 300 of the 1080 steps done: several syncs in
+                    time.sleep(0.01)  # 300 of the 3,600 steps done: several syncs in
                 server.proc.send_signal(signal.SIGKILL)
                 server.proc.wait(10)
                 time.sleep(0.5)  # unreachable for a while

@@ -18,7 +18,7 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 256 * 2**20
-ARENA_MAX = 2  # glibc's default, 8 per core, spreads freed memory over arenas that trim separately
+ARENA_MAX = 1  # one arena: malloc_trim shrinks only the main arena's top, so memory freed in others stays
 
 
 @functools.cache

@@ -168,6 +168,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, Config]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # before any thread starts: each thread keeps the malloc arena it first used
     address, config = parse_args(argv)
     configure_logging(config.log_format)
     # *_created series double the series count for little use; process-wide, so only in the CLI.

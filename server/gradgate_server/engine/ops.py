@@ -329,7 +329,8 @@ defop("affine", ("x", "w", "b"), _affine,
 
 def _sum(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> tuple[Any, tuple]:
     axes = norm_axes(axis, x.ndim)
-    return np.add.reduce(x, axis=axes, keepdims=keepdims), (x.shape, axes, keepdims, 1)  # np.sum minus its wrappers
+    out = np.add.reduce(x, axis=axes, keepdims=bool(keepdims))  # type: ignore[call-overload]  # np.sum minus wrappers
+    return out, (x.shape, axes, keepdims, 1)
 
 
 def _mean(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> tuple[Any, tuple]:
