@@ -67,11 +67,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def require_binary(name: str) -> str:
-    """Path of ``name``; skipped when absent, except in CI (CI installs it: .ci/run)."""
-    path = shutil.which(name)
+def require_binary(name: str, package: str = "prometheus") -> str:
+    """Path of ``name`` (also looked for in /usr/sbin, where Debian puts nginx); skipped when
+    absent, except in CI (CI installs it: .ci/run)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        message = f"{name} not installed (Debian: apt-get install prometheus)"
+        message = f"{name} not installed (Debian: apt-get install {package})"
         if os.environ.get("CI"):
             pytest.fail(message + "; CI must have it")
         pytest.skip(message)

@@ -1,11 +1,22 @@
-"""Client: one gRPC channel to a gradgate server, with deadlines and retries."""
+"""Client: one gRPC channel to one gradgate server or to many replicas, with deadlines and retries.
+
+Several replicas (a list of addresses, or a ``dns:`` name with several records) share
+one channel with gRPC's ``ring_hash`` load balancing keyed on the ``x-session-id``
+header (gRFC A76): every call of a session carries the session's routing key, so it
+lands on the replica that holds the session's activations, and when a replica goes
+away only the sessions it held move (their next call finds them missing and the
+Session re-creates itself there). DESIGN.md, Scale-out.
+"""
 from __future__ import annotations
 
+import ipaddress
 import json
-from collections.abc import Mapping
+import os
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 import numpy as np
@@ -21,20 +32,26 @@ from gradgate.security import TLS, secure_channel
 from gradgate.session import Session
 from gradgate.v1 import gradient_service_pb2 as pb
 
-# UNAVAILABLE means the call never reached a server (connection refused or reset),
-# so even ForwardBackward is safe to retry.
-_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "gradgate.v1.GradientService"}],
-    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s",
-                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
-
+if TYPE_CHECKING:
+    from gradgate.sharded import ShardedSession
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
+SERVICE = _SERVICE.full_name
 # method name -> (full path, response type); requests and responses cross grpc as bytes (gradgate.codec)
 _METHODS = {m.name: (f"/{_SERVICE.full_name}/{m.name}", message_factory.GetMessageClass(m.output_type))
             for m in _SERVICE.methods}
 Reply = tuple[Any, dict[str, dict[str, np.ndarray]]]
+Arrays = Mapping[str, np.ndarray]
+ROUTING_HEADER = "x-session-id"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_RETRY_SECONDS = 10.0
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20
+# grpcio (C-core) ignores ring_hash's "requestHashHeader" unless this is true when the
+# service config is parsed, which is when the channel is created (ring_hash.cc,
+# XdsRingHashSetRequestHashKeyEnabled). Once grpcio drops the flag the field is always
+# read, and the variable is ignored.
+RING_HASH_FLAG = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 
 
 @dataclass(frozen=True)
@@ -47,15 +64,20 @@ class OpInfo:
     doc: str
 
 
-def connect(address: str | None = None, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
-            recover_sessions: bool = True, retry_seconds: float = 10.0, token: str | None = None,
-            tls: TLS | bool | None = None) -> Client:
-    """Connect to a server at ``address``, or start an embedded one on a free local port.
+def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+            retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+            recover_sessions: bool = True, token: str | None = None, tls: TLS | bool | None = None) -> Client:
+    """Connect to a server, to several replicas, or start an embedded server on a free local port.
 
-    ``recover_sessions``: re-create a session the server no longer knows (restarted,
-    expired, another replica) from the parameters last sent, instead of raising NOT_FOUND.
-    ``retry_seconds``: how long to wait for an unreachable server to come back (a restart)
-    before giving up. ``token``: a bearer token sent with every call; ``tls``:
+    ``address``: ``"host:port"`` (one server, or a proxy such as nginx in front of replicas);
+    a list of them or one comma-separated string (replicas, balanced by the SDK: sessions stick
+    to one replica); a gRPC URI such as ``"dns:///gradgate.ns.svc:50051"`` (every address the
+    name resolves to, e.g. a Kubernetes headless Service, balanced the same way); None (an
+    embedded server). ``timeout``: seconds allowed for each call. ``retry_seconds``: how long a
+    call that cannot reach a server (restarting, stopping, gone) keeps being re-sent before it
+    fails with UNAVAILABLE; 0 turns retries off. ``recover_sessions``: re-create a session the
+    server no longer knows (restarted, expired, another replica) from the parameters last sent,
+    instead of raising NOT_FOUND. ``token``: a bearer token sent with every call; ``tls``:
     ``gg.TLS(ca, cert, key)``, or True for the system's root certificates (gradgate.security).
     """
     server = None
@@ -64,55 +86,143 @@ def connect(address: str | None = None, *, timeout: float = 30.0, max_message_by
 
         server = serve("127.0.0.1:0", Config(max_message_bytes=max_message_bytes))
         address = server.address
-    return Client(address, timeout=timeout, max_message_bytes=max_message_bytes, server=server,
-                  recover_sessions=recover_sessions, retry_seconds=retry_seconds, token=token, tls=tls)
+    return Client(address, timeout=timeout, retry_seconds=retry_seconds, max_message_bytes=max_message_bytes,
+                  server=server, recover_sessions=recover_sessions, token=token, tls=tls)
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
+    """The gRPC target for ``address`` and whether it names several replicas to balance over.
+
+    A list of host:port becomes one ``ipv4:``/``ipv6:`` URI, gRPC's resolver for a fixed set
+    of addresses (host names are resolved once, here); ``dns:``, ``ipv4:`` and ``ipv6:`` URIs
+    are balanced as given; a single host:port is a plain channel.
+    """
+    addresses = [a.strip() for a in address.split(",")] if isinstance(address, str) else list(address)
+    if not addresses or not all(addresses):
+        raise ValueError(f"no server address in {address!r}")
+    if len(addresses) == 1:
+        return addresses[0], addresses[0].startswith(_URI_SCHEMES)
+    resolved = [_resolve(a) for a in addresses]
+    for family, scheme in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        if all(family in r for r in resolved):
+            endpoints = dict.fromkeys(r[family] for r in resolved)  # one endpoint per server, in order
+            return f"{scheme}:{','.join(endpoints)}", True
+    raise ValueError(f"the servers {addresses} do not all have IPv4 or all IPv6 addresses; "
+                     "give IP addresses of one family or a dns:/// name")
+
+
+def _resolve(address: str) -> dict[int, str]:
+    """host:port -> {address family: "ip:port" (IPv6 in brackets)} for its first address of each family."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"server address {address!r} is not host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve server {address!r}: {e.strerror}") from None
+    found: dict[int, str] = {}
+    for family, _, _, _, sockaddr in infos:
+        ip = str(ipaddress.ip_address(sockaddr[0]))
+        found.setdefault(family, f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return found
+
+
+def service_config(balanced: bool, retry_seconds: float) -> str:
+    """The channel's service config: ring_hash on the routing header, and gRPC's retry policy.
+
+    UNAVAILABLE means the call was not answered by a live server (connection refused or reset,
+    a replica stopping), so every call is safe to re-send: a replica that lost the session
+    answers NOT_FOUND and the Session re-creates it. gRPC allows 5 attempts; the 4 backoffs
+    b, 2b, 4b, 8b (+-20% jitter) add up to ``retry_seconds``.
+    """
+    config: dict[str, Any] = {}
+    if balanced:
+        config["loadBalancingConfig"] = [{"ring_hash_experimental": {"requestHashHeader": ROUTING_HEADER}}]
+    if retry_seconds > 0:
+        first = retry_seconds / 15
+        config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": {
+            "maxAttempts": 5, "initialBackoff": f"{first:.6f}s", "maxBackoff": f"{8 * first:.6f}s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return json.dumps(config)
+
+
+def _routing(session_key: str) -> tuple[tuple[str, str], ...] | None:
+    return ((ROUTING_HEADER, session_key),) if session_key else None
 
 
 class Client:
     """One channel shared by every session; each call gets a ``timeout``-second deadline."""
 
-    def __init__(self, address: str, *, timeout: float = 30.0, max_message_bytes: int = 64 * 2**20,
-                 server: Any = None, recover_sessions: bool = True, retry_seconds: float = 10.0,
-                 token: str | None = None, tls: TLS | bool | None = None):
+    def __init__(self, address: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 server: Any = None, recover_sessions: bool = True, token: str | None = None,
+                 tls: TLS | bool | None = None):
         tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
-        self.address, self.timeout, self.recover_sessions = address, timeout, recover_sessions
-        self.max_message_bytes, self.retry_seconds = max_message_bytes, retry_seconds
+        if timeout <= 0 or retry_seconds < 0:
+            raise ValueError(f"timeout must be > 0 and retry_seconds >= 0, got {timeout} and {retry_seconds}")
+        target, self.balanced = channel_target(address)
+        self.address = address if isinstance(address, str) else ",".join(address)
+        self.timeout, self.retry_seconds, self.recover_sessions = timeout, retry_seconds, recover_sessions
         self._server = server  # an embedded server, stopped with the client
-        self._channel = secure_channel(address, [
+        if self.balanced:
+            os.environ[RING_HASH_FLAG] = "true"  # before the channel parses its service config
+        self._channel = secure_channel(target, [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.service_config", service_config(self.balanced, retry_seconds)),
+            ("grpc.service_config_disable_resolution", 1),  # ours, not one from a DNS TXT record
+            # gRPC keeps a request for re-sending only up to this size (default 256 KiB)
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+            # reconnect to a restarted replica within about a second
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ], tls, token)
+        self.max_message_bytes = max_message_bytes
         self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
                        for name, (path, _) in _METHODS.items()}
 
-    def call(self, method: str, request: Message, session_id: str = "", wait_for_ready: bool | None = None,
+    def call(self, method: str, request: Message, session_key: str = "", wait_for_ready: bool | None = None,
              **arrays: Mapping[str, Any] | None) -> Reply:
         """Run one unary RPC by name: ``request`` with its tensor maps given as ``arrays``
         (``inputs={"x": x}``); returns the response without its tensor maps, and those
-        maps as read-only arrays. ``session_id`` goes into ``x-session-id`` metadata for
-        sticky routing."""
-        metadata = (("x-session-id", session_id),) if session_id else None
+        maps as read-only arrays. ``session_key`` goes into the ``x-session-id`` header that
+        routes the call to its session's replica."""
         try:
-            data = self._unary[method](encode(request, **arrays), timeout=self.timeout, metadata=metadata,
-                                       wait_for_ready=wait_for_ready)
+            data = self._unary[method](encode(request, **arrays), timeout=self.timeout,
+                                       metadata=_routing(session_key), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return decode(data, _METHODS[method][1])
 
-    def stream(self, method: str, session_id: str = "", timeout: float | None = None) -> Any:
+    def stream(self, method: str, session_key: str = "", timeout: float | None = None) -> Any:
         """The raw multi-callable of a streaming RPC (requests and responses as bytes), and its metadata."""
         path, _ = _METHODS[method]
         streaming = _SERVICE.methods_by_name[method].server_streaming
         make = self._channel.stream_stream if streaming else self._channel.stream_unary
-        return make(path, _registered_method=True), ((("x-session-id", session_id),) if session_id else None)
+        return make(path, _registered_method=True), _routing(session_key)
 
-    def session(self, graph: Graph, params: Mapping[str, np.ndarray] | None = None,
-                buffers: Mapping[str, np.ndarray] | None = None) -> Session:
+    @overload
+    def session(self, graph: Graph, params: Arrays | None = None, buffers: Arrays | None = None) -> Session: ...
+    @overload
+    def session(self, graph: Graph, params: Arrays | None = None, buffers: Arrays | None = None, *,
+                shards: int) -> Session | ShardedSession: ...
+
+    def session(self, graph: Graph, params: Arrays | None = None, buffers: Arrays | None = None, *,
+                shards: int = 1) -> Session | ShardedSession:
         """Open a session on ``graph``; without ``params``, ``init_params(graph)``. ``buffers``:
         initial state buffers (e.g. batchnorm statistics from an ONNX import); missing ones
-        take their op's default."""
-        return Session(self, graph, init_params(graph) if params is None else params, buffers)
+        take their op's default.
+
+        ``shards`` > 1: a data-parallel session that splits every batch over that many sessions,
+        spread over the replicas (gradgate.sharded).
+        """
+        params = init_params(graph) if params is None else params
+        if shards == 1:
+            return Session(self, graph, params, buffers)
+        from gradgate.sharded import ShardedSession
+
+        return ShardedSession(self, graph, params, shards, buffers)
 
     def list_ops(self) -> list[OpInfo]:
         response, _ = self.call("ListOps", pb.ListOpsRequest())

@@ -201,8 +201,11 @@ class CaseFileError(ValueError):
 
 
 def save_case(case: gradcheck_pb2.GradCheckCase, path: str | Path) -> Path:
-    """Write ``case`` as binary protobuf (``.pb``) or protobuf JSON (``.json``), by the suffix."""
+    """Write ``case`` as binary protobuf (``.pb``) or protobuf JSON (``.json``), by the suffix,
+    creating the folder if needed."""
     path = Path(path)
+    if path.suffix in CASE_SUFFIXES:
+        path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         path.write_text(json_format.MessageToJson(case, preserving_proto_field_name=True) + "\n")
     elif path.suffix == ".pb":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -56,8 +57,11 @@ class StepResult:
 class Session:
     """A server session; use ``Client.session`` to open one. Arrays returned are read-only."""
 
-    def __init__(self, client: Client, graph: Graph, params: Arrays, buffers: Arrays | None = None):
+    def __init__(self, client: Client, graph: Graph, params: Arrays, buffers: Arrays | None = None,
+                 key: str | None = None):
         self.client, self.graph = client, graph
+        # routes every call of this session, CreateSession included, to one replica; kept when re-created
+        self.key: str = key or uuid.uuid4().hex
         self._dtypes = {v.name: v.dtype for v in (*graph.inputs, *graph.params)}
         self._closed = False
         self._graph = graph.to_proto()
@@ -79,7 +83,7 @@ class Session:
             v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.buffers}
 
     def _create(self) -> Any:
-        response, _ = self.client.call("CreateSession", pb.CreateSessionRequest(graph=self._graph),
+        response, _ = self.client.call("CreateSession", pb.CreateSessionRequest(graph=self._graph), self.key,
                                        params=self._params, buffers=self._buffers)
         self.id: str = response.session_id
         return response
@@ -92,7 +96,7 @@ class Session:
     def _call(self, method: str, request: Any, **arrays: Any) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
         """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
         try:
-            return self.client.call(method, request, self.id, **arrays)
+            return self.client.call(method, request, self.key, **arrays)
         except GradgateError as e:
             if e.code != grpc.StatusCode.NOT_FOUND or self._closed or not self.client.recover_sessions:
                 raise
@@ -101,12 +105,12 @@ class Session:
         if method == "Backward" and self._last_forward is not None:
             forward_method, forward_request, forward_arrays = self._last_forward
             forward_request.session_id = self.id
-            replayed, _ = self.client.call(forward_method, forward_request, self.id, **forward_arrays)
+            replayed, _ = self.client.call(forward_method, forward_request, self.key, **forward_arrays)
             request.forward_id = self._forward_id = self._thread.forward_id = replayed.forward_id
         log.warning("session %s... was not found on the server (restarted, expired or another replica); "
                     "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
         request.session_id = self.id
-        return self.client.call(method, request, self.id, **arrays)
+        return self.client.call(method, request, self.key, **arrays)
 
     def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any, dict[str, Any]] | None,
               forward_id: int = 0, buffers: dict[str, np.ndarray] | None = None) -> None:
@@ -178,7 +182,7 @@ class Session:
                     train_pb2.UploadDataRequest()
                 yield encode(request, columns={k: a[start:start + step] for k, a in columns.items()})
 
-        call, metadata = self.client.stream("UploadData", self.id)
+        call, metadata = self.client.stream("UploadData", self.key)
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
         try:
             reply = call(chunks(), timeout=timeout, metadata=metadata)
@@ -194,7 +198,7 @@ class Session:
         if optimizer.step_count or start_step:
             start.optimizer_state.step = optimizer.step_count
             to_tensor_map(optimizer.state(), start.optimizer_state.slots)
-        call, metadata = self.client.stream("Train", self.id)
+        call, metadata = self.client.stream("Train", self.key)
         try:
             for data in call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata):
                 yield train_pb2.TrainResponse.FromString(data)
@@ -215,7 +219,7 @@ class Session:
         self._params.update(params)
         while True:
             try:
-                self.client.call("SetParameters", pb.SetParametersRequest(session_id=self.id), self.id,
+                self.client.call("SetParameters", pb.SetParametersRequest(session_id=self.id), self.key,
                                  wait_for_ready=True, params=params)
                 return True
             except GradgateError as e:
