@@ -249,3 +249,21 @@ def test_one_structured_log_line_per_rpc_without_tensors(server, stub, caplog) -
         assert sid not in text and str(secret) not in text and "123456" not in text
         assert {"time", "level", "logger", "method", "code", "duration_ms", "request_bytes",
                 "response_bytes"} <= set(line)
+
+
+def test_a_fresh_server_exports_every_method_with_code_ok_at_zero() -> None:
+    """As go-grpc-prometheus does: the first calls after a start are an increase from 0
+    (alerts.yml's error ratio counts calls by grpc_server_started_total)."""
+    with serve("127.0.0.1:0") as srv:
+        s = Scrape(srv.metrics.scrape())
+    methods = {(x.labels["grpc_service"], x.labels["grpc_method"], x.labels["grpc_code"], x.value)
+               for x in s.samples if x.name == "grpc_server_handled_total"}
+    expected = {(GRADIENT_SERVICE, m.name, "OK", 0.0) for m in pb.DESCRIPTOR.services_by_name["GradientService"].methods}
+    expected |= {("grpc.health.v1.Health", m.name, "OK", 0.0)
+                 for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
+    assert methods == expected
+    for m in ("ForwardBackward", "Train"):
+        assert s.value("grpc_server_started_total", grpc_service=GRADIENT_SERVICE, grpc_method=m) == 0
+    [watch] = {x.labels["grpc_type"] for x in s.samples
+               if x.name == "grpc_server_started_total" and x.labels["grpc_method"] == "Watch"}
+    assert watch == "server_stream"

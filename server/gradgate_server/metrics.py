@@ -212,7 +212,10 @@ class _MethodMetrics:
         self.response_bytes = metrics.response_bytes.labels(service, method).observe
         self._handled = metrics.handled
         self._labels = labels
-        self._codes: dict[grpc.StatusCode, Callable[[], None]] = {}
+        # Code OK exists from the start, at 0, as in go-grpc-prometheus: methods are resolved
+        # when the server starts, so the first calls are an increase that rate() and alerts see.
+        self._codes: dict[grpc.StatusCode, Callable[[], None]] = {
+            grpc.StatusCode.OK: self._handled.labels(*labels, GRPC_CODES[grpc.StatusCode.OK]).inc}
 
     def handled(self, code: grpc.StatusCode) -> None:
         inc = self._codes.get(code)
