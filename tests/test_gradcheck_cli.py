@@ -5,13 +5,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import gradgate as gg
 from gradgate.cli import main
-from gradgate.gradcheck import make_case, save_case
+from gradgate.gradcheck import load_case, make_case, save_case
+from gradgate.gradcheck_job import exit_code, run_job
 from gradgate.v1 import graph_pb2
 from gradgate_server import serve
 
@@ -57,7 +60,7 @@ def test_directories_stand_for_their_cases(capsys) -> None:
 
 @pytest.mark.parametrize("args", [
     ["does-not-exist.pb"],
-    ["--server", "127.0.0.1:1", PASSING[0]],  # nothing listens on port 1
+    ["--server", "127.0.0.1:1", "--retry-seconds", "0.2", PASSING[0]],  # nothing listens on port 1
     ["--jobs", "0", PASSING[0]],
 ])
 def test_usage_and_connection_errors_exit_2(args: list[str], tmp_path: Path, capsys) -> None:
@@ -106,3 +109,57 @@ def test_real_subprocess() -> None:
     assert run.returncode == 1, run.stderr
     assert "relu_kink" in run.stdout and "FAIL" in run.stdout and "2 case(s): 1 passed, 1 failed" in run.stdout
     assert "case/s" in run.stderr  # the progress bar
+
+
+def slow_case() -> object:
+    """A case that takes about half a second on this machine."""
+    g = gg.Graph("float64")
+    h = g.input("x", (None, 256))
+    W = g.param("W", (256, 256))
+    for _ in range(4):
+        h = gg.tanh(h @ W)
+    g.set_loss(gg.mean(h))
+    rng = np.random.default_rng(0)
+    return make_case("slow", g, {"W": rng.normal(size=(256, 256)) / 16}, {"x": rng.normal(size=(128, 256))},
+                     mode="sparse", num_checks=10)
+
+
+def test_cases_of_a_server_that_dies_mid_job_go_to_the_others() -> None:
+    from cluster import metric, replicas
+    from obs import wait_for
+
+    cases = [("slow", slow_case())] * 3 + [(p, load_case(p)) for p in PASSING]
+    with replicas(3) as reps:
+        victim = reps[1]
+
+        def kill_during_its_first_case() -> None:
+            wait_for(lambda: metric(victim, "grpc_server_started_total", grpc_method="GradientCheck") == 1,
+                     interval=0.005, what="the victim to start a case")
+            victim.kill()
+
+        killer = threading.Thread(target=kill_during_its_first_case)
+        killer.start()
+        clients = [gg.connect(r.address, timeout=60, retry_seconds=0.5) for r in reps]
+        try:
+            outcomes = run_job(cases, clients, jobs=1, progress=False)  # one case at a time per server
+        finally:
+            for c in clients:
+                c.close()
+        killer.join(10)
+    assert [o.status for o in outcomes] == ["pass"] * len(cases) and exit_code(outcomes) == 0
+    [moved] = [o for o in outcomes if o.moved_from]
+    assert moved.name == "slow" and moved.moved_from == (victim.address,)
+    assert {o.server for o in outcomes} == {reps[0].address, reps[2].address}
+
+
+def test_exit_2_when_no_server_is_left(tmp_path: Path, capsys) -> None:
+    with serve("127.0.0.1:0") as server:
+        client = gg.connect(server.address, timeout=10, retry_seconds=0.2)
+        client.list_ops()
+    outcomes = run_job([(p, load_case(p)) for p in PASSING[:3]], [client], jobs=2, progress=False)
+    client.close()
+    assert [(o.status, o.server, o.error) for o in outcomes] == [("error", "", "no server left to check it")] * 3
+    # two were in flight (jobs=2) when the server turned out gone, the third never started
+    assert [o.moved_from for o in outcomes] == [(server.address,)] * 2 + [()]
+    assert exit_code(outcomes) == 2
+    assert "stopped answering" in capsys.readouterr().err
