@@ -66,7 +66,8 @@ def nginx_config(upstreams: list[str], listen: str, workdir: Path) -> Path:
     text = re.sub(r"^ *server gradgate-\d+:50051 .*;\n", "", text, flags=re.M)
     text = text.replace("keepalive 32;", "".join(f"server {u}{options}\n{indent}" for u in upstreams) + "keepalive 32;")
     text = text.replace("listen 50051 http2;", f"listen {listen} http2;")
-    temp = "".join(f"    {kind}_temp_path {workdir / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "".join(f"    {kind}_temp_path {workdir / kind};\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     text = text.replace("http {\n", "http {\n" + temp, 1)
     path = workdir / "nginx.conf"
     path.write_text(text)
@@ -75,8 +76,12 @@ def nginx_config(upstreams: list[str], listen: str, workdir: Path) -> Path:
 
 def nginx_test(config: Path, workdir: Path) -> subprocess.CompletedProcess:
     """``nginx -t`` on ``config``."""
-    return subprocess.run([nginx_binary(), "-t", "-p", str(workdir), "-c", str(config), "-e", str(workdir / "error.log"),
-                           "-g", f"pid {workdir / 'nginx.pid'};"], capture_output=True, text=True, timeout=30)
+    return subprocess.run([nginx_binary(), "-t", *_paths(config, workdir), "-g", f"pid {workdir / 'nginx.pid'};"],
+                          capture_output=True, text=True, timeout=30)
+
+
+def _paths(config: Path, workdir: Path) -> list[str]:
+    return ["-p", str(workdir), "-c", str(config), "-e", str(workdir / "error.log")]
 
 
 class Nginx:
@@ -90,8 +95,8 @@ class Nginx:
             checked = nginx_test(config, workdir)
             assert checked.returncode == 0, checked.stderr
             self.proc = subprocess.Popen(
-                [nginx_binary(), "-p", str(workdir), "-c", str(config), "-e", str(workdir / "error.log"),
-                 "-g", f"daemon off; pid {workdir / 'nginx.pid'};"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                [nginx_binary(), *_paths(config, workdir), "-g", f"daemon off; pid {workdir / 'nginx.pid'};"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             if wait_for(lambda: self.proc.poll() is not None or self._listening(), timeout=20,
                         what="nginx to listen") is True and self.proc.poll() is None:
                 return

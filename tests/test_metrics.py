@@ -258,7 +258,8 @@ def test_a_fresh_server_exports_every_method_with_code_ok_at_zero() -> None:
         s = Scrape(srv.metrics.scrape())
     methods = {(x.labels["grpc_service"], x.labels["grpc_method"], x.labels["grpc_code"], x.value)
                for x in s.samples if x.name == "grpc_server_handled_total"}
-    expected = {(GRADIENT_SERVICE, m.name, "OK", 0.0) for m in pb.DESCRIPTOR.services_by_name["GradientService"].methods}
+    expected = {(GRADIENT_SERVICE, m.name, "OK", 0.0)
+                for m in pb.DESCRIPTOR.services_by_name["GradientService"].methods}
     expected |= {("grpc.health.v1.Health", m.name, "OK", 0.0)
                  for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
     assert methods == expected

@@ -56,7 +56,8 @@ class Replica:
     def wait_ready(self) -> None:
         if not self._ready.wait(READY_SECONDS) or not self.running():
             self.kill()
-            raise RuntimeError(f"gradgate server {self.host}:{self.port} did not start:\n" + "".join(list(self.lines)[-20:]))
+            log = "".join(list(self.lines)[-20:])
+            raise RuntimeError(f"gradgate server {self.host}:{self.port} did not start:\n{log}")
         # a restart keeps the ports, so the address list stays valid
         self.port = int(self.address.rsplit(":", 1)[1])
         if self.metrics_address:
