@@ -207,7 +207,8 @@ def save_case(case: gradcheck_pb2.GradCheckCase, path: str | Path) -> Path:
     if path.suffix in CASE_SUFFIXES:
         path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-        path.write_text(json_format.MessageToJson(case, preserving_proto_field_name=True) + "\n")
+        # sorted keys: protobuf writes map entries in no fixed order, and a case file should not change
+        path.write_text(json_format.MessageToJson(case, preserving_proto_field_name=True, sort_keys=True) + "\n")
     elif path.suffix == ".pb":
         path.write_bytes(case.SerializeToString(deterministic=True))  # same case, same bytes
     else:
