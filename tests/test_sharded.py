@@ -105,6 +105,9 @@ def test_train_with_shards_matches_a_plain_session() -> None:
                 with client.session(g, gg.init_params(g, seed=5), shards=shards) as sess:
                     losses = gg.train(sess, BATCH, gg.optim.Adam(lr=0.01), epochs=5, batch_size=33, progress=False)
                     results.append((losses, sess.get_params()))
+            with client.session(g, shards=2) as sess:  # training on the server lives in one session
+                with pytest.raises(NotShardable, match="'upload'.*without shards"):
+                    gg.train(sess, BATCH, gg.optim.SGD(lr=0.1), on_server=True, progress=False)
         (plain_losses, plain), (sharded_losses, sharded) = results
         np.testing.assert_allclose(sharded_losses, plain_losses, rtol=1e-10)
         assert_close(sharded, plain, rtol=1e-9)
