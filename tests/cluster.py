@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import gradgate as gg
 from gradgate_server import replicas as replicas_mod
 from gradgate_server.replicas import Replica
 
-from obs import Scrape, free_port, require_binary, wait_for
+from obs import Scrape, free_port, require_binary, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
@@ -29,6 +31,18 @@ def replicas(n: int, *args: str) -> Iterator[list[Replica]]:
     finally:
         for r in started:
             r.kill()
+
+
+def tanh_chain(layers: int, width: int) -> tuple[gg.Graph, dict[str, np.ndarray]]:
+    """loss = mean(tanh(... tanh(x @ W) ... @ W)) in float64, and its parameters: as slow
+    as ``layers`` and the batch make it."""
+    g = gg.Graph("float64")
+    h = g.input("x", (None, width))
+    W = g.param("W", (width, width))
+    for _ in range(layers):
+        h = gg.tanh(h @ W)
+    g.set_loss(gg.mean(h))
+    return g, {"W": np.random.default_rng(0).normal(size=(width, width)) / np.sqrt(width)}
 
 
 def rpc_sessions(replica: Replica, method: str | None = None) -> set[str]:
@@ -113,9 +127,4 @@ class Nginx:
         return path.read_text()[-3000:] if path.exists() else ""
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)

@@ -16,7 +16,7 @@ import gradgate as gg
 from gradgate.cli import two_layer_net
 from gradgate_server.replicas import Replica
 
-from cluster import Nginx, metric, nginx_binary, not_found, replicas, rpc_sessions
+from cluster import Nginx, metric, nginx_binary, not_found, replicas, rpc_sessions, tanh_chain
 from obs import wait_for
 
 X, Y = gg.spiral(n_per_class=20, seed=2)
@@ -102,13 +102,7 @@ def check_failover(client: gg.Client, reps: list[Replica]) -> None:
     assert sum(not_found(r) - missing[id(r)] for r in survivors) == moved
 
     # 2. kill a second replica while a slow call runs on it: the call is re-sent and answered
-    slow_graph = gg.Graph("float64")
-    h = slow_graph.input("x", (None, 512))
-    W = slow_graph.param("W", (512, 512))
-    for _ in range(12):
-        h = gg.tanh(h @ W)
-    slow_graph.set_loss(gg.sum(h))
-    w = {"W": np.random.default_rng(0).normal(size=(512, 512)) / np.sqrt(512)}
+    slow_graph, w = tanh_chain(12, 512)
     batch = {"x": np.random.default_rng(1).normal(size=(2048, 512))}
     slow = client.session(slow_graph, w)
     on = holder_of(slow, survivors)

@@ -113,15 +113,11 @@ def test_real_subprocess() -> None:
 
 def slow_case() -> object:
     """A case that takes about half a second on this machine."""
-    g = gg.Graph("float64")
-    h = g.input("x", (None, 256))
-    W = g.param("W", (256, 256))
-    for _ in range(4):
-        h = gg.tanh(h @ W)
-    g.set_loss(gg.mean(h))
-    rng = np.random.default_rng(0)
-    return make_case("slow", g, {"W": rng.normal(size=(256, 256)) / 16}, {"x": rng.normal(size=(128, 256))},
-                     mode="sparse", num_checks=10)
+    from cluster import tanh_chain
+
+    g, params = tanh_chain(4, 256)
+    x = np.random.default_rng(1).normal(size=(128, 256))
+    return make_case("slow", g, params, {"x": x}, mode="sparse", num_checks=10)
 
 
 def test_cases_of_a_server_that_dies_mid_job_go_to_the_others() -> None:

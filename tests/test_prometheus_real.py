@@ -23,7 +23,7 @@ from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import Config, serve
 
-from obs import Scrape, create_request, fetch, free_port, require_binary, wait_for
+from obs import Scrape, create_request, fetch, free_port, require_binary, stop_process, wait_for
 from test_engine import mlp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,12 +169,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if len(result) == 1 else None
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
