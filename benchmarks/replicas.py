@@ -3,25 +3,28 @@
     python benchmarks/replicas.py [--quick]
 
 One server process computes on one core (Python's GIL), so a second replica on a
-second core should nearly double what the machine serves. Both setups get the same
-load, two clients stepping as fast as they can, each on its own session:
-  one_replica      both clients on one server process
-  two_replicas     one client on each of two server processes (gradgate-replicas'
-                   own code starts them, one BLAS thread each)
-and, for reference, one_client: one client alone on one server. ratio =
-two_replicas / one_replica; the target is >= 1.8 on 2 cores. A step is what
-gg.train sends: one ForwardBackward with the parameters pushed along, here on the
-README's spiral network (2-100-3, batch 300, float32), a step dominated by Python
-per-call work, the case replicas are for. The clients run in this process, on the
-same cores, sending a request built once so that they take little CPU: measure on a
-quiet machine.
+second core should nearly double what the machine serves. Each setup runs client
+processes stepping as fast as they can, each on its own session:
+  one_replica                  one replica, one client
+  two_replicas                 two replicas (gradgate-replicas' own code starts them,
+                               one BLAS thread each), one client on each
+  one_replica_two_clients      both clients on one replica
+ratio = two_replicas / one_replica (each replica driven by one training client; the
+target is >= 1.8 on 2 cores), and ratio_same_load = two_replicas /
+one_replica_two_clients (the same two clients; on this machine the clients take
+their CPU from the same 2 cores, which caps it below 2). A step is what gg.train
+sends: one ForwardBackward with the parameters pushed along, on the README's spiral
+network (2-100-3, batch 300, float32), a step dominated by Python per-call work, the
+case replicas are for. The clients send a request built once so that they take little
+CPU. Measure on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -36,78 +39,100 @@ from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import replicas
 
 
-def steps_per_s(addresses: Sequence[str], seconds: float) -> float:
-    """One client thread per address, each stepping its own session; aggregate steps/s.
+def client(address: str) -> None:
+    """One client (``replicas.py --client ADDRESS``): a session of its own, warmed up; says
+    "ready", then for every line "SECONDS" on stdin steps that long and prints steps/s.
 
-    The clients send a request built once (batch and parameters, as gg.train sends
-    them) and drop the gradients, so that nearly all the CPU goes to the servers."""
+    It sends one request built once (the batch and the parameters, as gg.train sends
+    them) and drops the gradients, so that nearly all the CPU goes to the server."""
     X, y = gg.spiral(seed=0)
     g = two_layer_net()
-    channels = [grpc.insecure_channel(a) for a in addresses]
-    stubs = [pb_grpc.GradientServiceStub(c) for c in channels]
-    requests = []
-    for i, stub in enumerate(stubs):
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
         create = pb.CreateSessionRequest(graph=g.to_proto())
-        params = {k: v.astype(np.float32) for k, v in gg.init_params(g, seed=i).items()}
+        params = {k: v.astype(np.float32) for k, v in gg.init_params(g, seed=0).items()}
         codec.to_tensor_map(params, create.params)
         request = pb.ForwardBackwardRequest(session_id=stub.CreateSession(create, timeout=30).session_id)
         codec.to_tensor_map({"x": X.astype(np.float32), "y": y}, request.inputs)
         codec.to_tensor_map(params, request.params)
-        requests.append(request)
-    counts = [0] * len(stubs)
-    start, stop = threading.Barrier(len(stubs) + 1), threading.Event()
-
-    def client(i: int) -> None:
-        step = functools.partial(stubs[i].ForwardBackward, requests[i], timeout=30)
-        for _ in range(20):  # warm up
+        step = functools.partial(stub.ForwardBackward, request, timeout=30)
+        for _ in range(50):
             step()
-        start.wait()
-        while not stop.is_set():
-            step()
-            counts[i] += 1
+        print("ready", flush=True)
+        for line in sys.stdin:
+            seconds, count, began = float(line), 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - began) < seconds:
+                step()
+                count += 1
+            print(count / elapsed, flush=True)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(stubs))]
-    for t in threads:
-        t.start()
-    start.wait()
-    began = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    for c in channels:
-        c.close()
-    return sum(counts) / elapsed
+
+class Clients:
+    """Client processes (no GIL shared between them), started once and warmed up."""
+
+    def __init__(self, addresses: Sequence[str]):
+        self.procs = [subprocess.Popen([sys.executable, __file__, "--client", a], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True) for a in addresses]
+        for p in self.procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a benchmark client did not start")
+
+    def steps_per_s(self, which: Sequence[int], seconds: float) -> float:
+        """Aggregate steps/s of the clients ``which``, stepping at the same time."""
+        for i in which:
+            self.procs[i].stdin.write(f"{seconds}\n")
+            self.procs[i].stdin.flush()
+        return sum(float(self.procs[i].stdout.readline()) for i in which)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
 
 
 def measure(quick: bool = False) -> dict[str, float]:
-    """Steps/s of one and two replicas under two clients, and their ratio."""
-    seconds = 1.5 if quick else 5.0
+    """Steps/s of one replica and of two, each with one client; of one with both clients; the ratios.
+    The setups take turns in short windows, and each gets the median of its windows, so that
+    load that comes and goes on the machine spreads over all of them."""
+    rounds, seconds = (3, 0.5) if quick else (9, 1.0)
     servers = replicas.start(2, port=0, metrics_port=-1)
+    clients = None
     try:
         a, b = (r.address for r in servers)
-        one_client = steps_per_s([a], seconds)
-        one = steps_per_s([a, a], seconds)
-        two = steps_per_s([a, b], seconds)
+        clients = Clients([a, b, a])  # 0 and 1 on their own replicas; 2 shares replica a with 0
+        setups = {"one_replica_steps_per_s": [0], "two_replicas_steps_per_s": [0, 1],
+                  "one_replica_two_clients_steps_per_s": [0, 2]}
+        samples: dict[str, list[float]] = {name: [] for name in setups}
+        for r in range(rounds):
+            for name in list(setups)[r % 3:] + list(setups)[:r % 3]:  # rotate the order
+                samples[name].append(clients.steps_per_s(setups[name], seconds))
     finally:
-        for r in servers:
-            r.terminate()
-    return {"one_client_steps_per_s": one_client, "one_replica_steps_per_s": one,
-            "two_replicas_steps_per_s": two, "ratio": two / one, "cores": float(replicas.cores())}
+        if clients is not None:
+            clients.close()
+        for server in servers:
+            server.terminate()
+    out = {name: float(np.median(values)) for name, values in samples.items()}
+    out["ratio"] = out["two_replicas_steps_per_s"] / out["one_replica_steps_per_s"]
+    out["ratio_same_load"] = out["two_replicas_steps_per_s"] / out["one_replica_two_clients_steps_per_s"]
+    out["cores"] = float(replicas.cores())
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1.5 s per setup instead of 5 s")
+    p.add_argument("--quick", action="store_true", help="3 rounds of 0.5 s instead of 9 of 1 s")
+    p.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.client:
+        return client(args.client)
     load = os.getloadavg()[0]
     r = measure(args.quick)
     print(f"load average before: {load:.2f} on {r['cores']:.0f} cores")
-    print(f"one client, one replica:   {r['one_client_steps_per_s']:8.1f} steps/s")
-    print(f"two clients, one replica:  {r['one_replica_steps_per_s']:8.1f} steps/s")
-    print(f"two clients, two replicas: {r['two_replicas_steps_per_s']:8.1f} steps/s")
-    print(f"ratio two replicas / one:  {r['ratio']:8.2f}x  (target >= 1.8 on 2 cores)")
+    print(f"one replica, one client:     {r['one_replica_steps_per_s']:8.1f} steps/s")
+    print(f"two replicas, one client on each: {r['two_replicas_steps_per_s']:8.1f} steps/s   "
+          f"ratio {r['ratio']:.2f}x  (target >= 1.8 on 2 cores)")
+    print(f"one replica, two clients:    {r['one_replica_two_clients_steps_per_s']:8.1f} steps/s   "
+          f"two replicas / this: {r['ratio_same_load']:.2f}x")
 
 
 if __name__ == "__main__":
