@@ -16,13 +16,15 @@ their CPU from the same 2 cores, which caps it below 2). A step is what gg.train
 sends: one ForwardBackward with the parameters pushed along, on the README's spiral
 network (2-100-3, batch 300, float32), a step dominated by Python per-call work, the
 case replicas are for. The clients send a request built once so that they take little
-CPU. Measure on a quiet machine.
+CPU. Measure on a quiet machine: other_load_cores says how many cores other processes
+kept busy on average during the measurement.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -95,6 +97,7 @@ def measure(quick: bool = False) -> dict[str, float]:
     The setups take turns in short windows, and each gets the median of its windows, so that
     load that comes and goes on the machine spreads over all of them."""
     rounds, seconds = (3, 0.5) if quick else (9, 1.0)
+    busy, ours, began = _machine_busy(), _our_cpu(), time.monotonic()
     servers = replicas.start(2, port=0, metrics_port=-1)
     clients = None
     try:
@@ -115,7 +118,22 @@ def measure(quick: bool = False) -> dict[str, float]:
     out["ratio"] = out["two_replicas_steps_per_s"] / out["one_replica_steps_per_s"]
     out["ratio_same_load"] = out["two_replicas_steps_per_s"] / out["one_replica_two_clients_steps_per_s"]
     out["cores"] = float(replicas.cores())
+    # what else ran meanwhile, in cores: all busy CPU time but ours (this process and its children)
+    out["other_load_cores"] = ((_machine_busy() - busy) - (_our_cpu() - ours)) / (time.monotonic() - began)
     return out
+
+
+def _machine_busy() -> float:
+    """CPU seconds spent not idle by the whole machine (/proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _our_cpu() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -125,9 +143,8 @@ def main() -> None:
     args = p.parse_args()
     if args.client:
         return client(args.client)
-    load = os.getloadavg()[0]
     r = measure(args.quick)
-    print(f"load average before: {load:.2f} on {r['cores']:.0f} cores")
+    print(f"{r['cores']:.0f} cores; other processes used {r['other_load_cores']:.2f} cores on average meanwhile")
     print(f"one replica, one client:     {r['one_replica_steps_per_s']:8.1f} steps/s")
     print(f"two replicas, one client on each: {r['two_replicas_steps_per_s']:8.1f} steps/s   "
           f"ratio {r['ratio']:.2f}x  (target >= 1.8 on 2 cores)")
