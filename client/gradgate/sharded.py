@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -149,13 +149,14 @@ class ShardedSession:
     (``forward``, ``backward``, ``forward_backward``, ``set_params``, ``get_params``,
     ``gradient_check``, ``close``), so ``gg.train`` drives it unchanged."""
 
-    def __init__(self, client: Client, graph: Graph, params: Arrays, shards: int):
+    def __init__(self, client: Client, graph: Graph, params: Arrays, shards: int, buffers: Arrays | None = None):
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.client, self.graph = client, graph
         self._proto = graph.to_proto()
-        self._pool = ThreadPoolExecutor(shards, thread_name_prefix="gradgate-shard")
-        first = Session(client, graph, params)
+        # one thread per shard, always the same: a Session's backward names its thread's last forward
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"gradgate-shard{i}") for i in range(shards)]
+        first = Session(client, graph, params, buffers)
         self.sessions: list[Session] = [first]
         try:
             self.values: dict[str, TensorSpec] = first.values
@@ -165,7 +166,7 @@ class ShardedSession:
                 raise ShardingError(f"the loss {self._proto.loss!r} is not a scalar over the batch")
             for name in self._proto.outputs:  # returned by every forward unless others are named
                 self._kind(name, "declared output")
-            self.sessions += _spread(client, graph, params, first, shards)
+            self.sessions += _spread(client, graph, params, buffers, first, shards)
         except BaseException:
             self.close()
             raise
@@ -183,9 +184,12 @@ class ShardedSession:
             raise ShardingError(f"{what} {name!r} cannot be split over shards: {why(self._proto, self.values, name)}")
         return kind
 
-    def _map(self, f: Callable[..., T], *args: Sequence[Any]) -> list[T]:
-        """``f`` over the shards at once; the first error is raised once every call is over."""
-        return list(self._pool.map(f, *args))
+    def _map(self, f: Callable[..., T], sessions: Sequence[Session], *args: Sequence[Any]) -> list[T]:
+        """``f(session, *args)`` for the shards at once, each on its shard's thread; the first
+        error is raised once every call is over."""
+        calls = [self._threads[i].submit(f, s, *a) for i, (s, *a) in enumerate(zip(sessions, *args))]
+        wait(calls)
+        return [c.result() for c in calls]
 
     def _split(self, batch: Arrays) -> list[dict[str, Any]]:
         """Contiguous shards along axis 0 of every batch input (inputs without a batch
@@ -227,10 +231,12 @@ class ShardedSession:
         return out
 
     def forward(self, batch: Arrays, outputs: Sequence[str] | None = None,
-                params: Arrays | None = None) -> ForwardResult:
-        """Set ``params`` (if any), run forward on ``batch`` split over the shards, cache the activations."""
+                params: Arrays | None = None, *, train: bool = True, seed: int = 0) -> ForwardResult:
+        """Set ``params`` (if any), run forward on ``batch`` split over the shards, cache the activations.
+        ``train`` and ``seed`` as in Session.forward, the same on every shard."""
         shards = self._split(batch)
-        results = self._map(lambda s, b: s.forward(b, outputs, params), self.sessions[:len(shards)], shards)
+        results = self._map(lambda s, b: s.forward(b, outputs, params, train=train, seed=seed),
+                            self.sessions[:len(shards)], shards)
         return ForwardResult(float(_weighted([r.loss for r in results], self._weights)), self._outputs(results))
 
     def backward(self, inputs: bool = False) -> dict[str, np.ndarray]:
@@ -241,17 +247,18 @@ class ShardedSession:
         return self._grads(self._map(lambda s: s.backward(inputs), self.sessions[:len(self._rows)]))
 
     def forward_backward(self, batch: Arrays, params: Arrays | None = None,
-                         outputs: Sequence[str] | None = None, inputs: bool = False) -> StepResult:
+                         outputs: Sequence[str] | None = None, inputs: bool = False, *, train: bool = True,
+                         seed: int = 0) -> StepResult:
         """forward then backward, one round trip per shard, all shards at once."""
         shards = self._split(batch)
-        results = self._map(lambda s, b: s.forward_backward(b, params, outputs, inputs),
+        results = self._map(lambda s, b: s.forward_backward(b, params, outputs, inputs, train=train, seed=seed),
                             self.sessions[:len(shards)], shards)
         return StepResult(float(_weighted([r.loss for r in results], self._weights)),
                           self._grads([r.grads for r in results]), self._outputs(results))
 
-    def set_params(self, params: Arrays) -> None:
-        """Replace any subset of the parameters, on every shard."""
-        self._map(lambda s: s.set_params(params), self.sessions)
+    def set_params(self, params: Arrays | None = None, buffers: Arrays | None = None) -> None:
+        """Replace any subset of the parameters (and buffers), on every shard."""
+        self._map(lambda s: s.set_params(params, buffers), self.sessions)
 
     def get_params(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The named parameters, or all of them (every shard holds the same)."""
@@ -267,7 +274,8 @@ class ShardedSession:
         try:
             self._map(lambda s: s.close(), self.sessions)
         finally:
-            self._pool.shutdown()
+            for thread in self._threads:
+                thread.shutdown()
 
     def __getattr__(self, name: str) -> Any:
         if hasattr(Session, name):
@@ -290,7 +298,8 @@ def _weighted(parts: Sequence[Any], weights: Sequence[float]) -> Any:
     return out.astype(np.asarray(parts[0]).dtype, copy=False)
 
 
-def _spread(client: Client, graph: Graph, params: Arrays, first: Session, shards: int) -> list[Session]:
+def _spread(client: Client, graph: Graph, params: Arrays, buffers: Arrays | None, first: Session,
+            shards: int) -> list[Session]:
     """Sessions for shards 2..N, each on a replica no other shard uses while there are such
     replicas. A routing key shares a replica with a session when a call routed by the key
     finds that session (GetParameters answers instead of NOT_FOUND)."""
@@ -308,7 +317,7 @@ def _spread(client: Client, graph: Graph, params: Arrays, first: Session, shards
                 break
         assert best is not None
         crowded = crowded or best[0] > 0
-        sessions.append(Session(client, graph, params, best[1]))
+        sessions.append(Session(client, graph, params, buffers, key=best[1]))
     return sessions[1:]
 
 
