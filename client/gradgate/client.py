@@ -75,7 +75,7 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
     name resolves to, e.g. a Kubernetes headless Service, balanced the same way); None (an
     embedded server). ``timeout``: seconds allowed for each call. ``retry_seconds``: how long a
     call that cannot reach a server (restarting, stopping, gone) keeps being re-sent before it
-    fails with UNAVAILABLE; 0 turns retries off. ``recover_sessions``: re-create a session the
+    fails with UNAVAILABLE (at most half of ``timeout``); 0 turns retries off. ``recover_sessions``: re-create a session the
     server no longer knows (restarted, expired, another replica) from the parameters last sent,
     instead of raising NOT_FOUND. ``token``: a bearer token sent with every call; ``tls``:
     ``gg.TLS(ca, cert, key)``, or True for the system's root certificates (gradgate.security).
@@ -170,7 +170,8 @@ class Client:
         self._channel = secure_channel(target, [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.service_config", service_config(self.balanced, retry_seconds)),
+            # retries stop in time for the call to fail with UNAVAILABLE (and why) before its deadline
+            ("grpc.service_config", service_config(self.balanced, min(retry_seconds, timeout / 2))),
             ("grpc.service_config_disable_resolution", 1),  # ours, not one from a DNS TXT record
             # gRPC keeps a request for re-sending only up to this size (default 256 KiB)
             ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
