@@ -66,7 +66,8 @@ class OpInfo:
 
 def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT,
             retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-            recover_sessions: bool = True, token: str | None = None, tls: TLS | bool | None = None) -> Client:
+            recover_sessions: bool = True, token: str | None = None,
+            tls: TLS | bool | None = None) -> Client:
     """Connect to a server, to several replicas, or start an embedded server on a free local port.
 
     ``address``: ``"host:port"`` (one server, or a proxy such as nginx in front of replicas);
