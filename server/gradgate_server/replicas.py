@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import IO
@@ -90,13 +91,7 @@ class Replica:
 
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM (the server drains its calls), then SIGKILL after ``timeout``; the exit code."""
-        if self.running():
-            self.process.terminate()
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        return self.kill()
+        return stop([self], timeout)[0]
 
     def kill(self) -> int:
         if self.running():
@@ -120,6 +115,22 @@ def start(n: int, host: str = "127.0.0.1", port: int = 50051, metrics_port: int 
             r.kill()
         raise
     return replicas
+
+
+def stop(replicas: Sequence[Replica], timeout: float) -> list[int]:
+    """SIGTERM to every replica at once (each drains its calls), SIGKILL to those still running
+    after ``timeout`` seconds; their exit codes. One SIGTERM each: a second one could land
+    after the server restored the default handler on its way out."""
+    for r in replicas:
+        if r.running():
+            r.process.terminate()
+    deadline = time.monotonic() + timeout
+    for r in replicas:
+        try:
+            r.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.process.kill()
+    return [r.process.wait() for r in replicas]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,10 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     r.restart()
                 except RuntimeError as e:
                     print(f"gradgate-replicas: {e}", file=sys.stderr, flush=True)
-    for r in replicas:  # all drain at once
-        if r.running():
-            r.process.terminate()
-    codes = [r.terminate(grace + 10) for r in replicas]
+    codes = stop(replicas, grace + 10)
     return 0 if all(c == 0 for c in codes) else 1
 
 
