@@ -17,7 +17,7 @@ from gradgate.cli import two_layer_net
 from gradgate_server.replicas import Replica
 
 from cluster import Nginx, metric, nginx_binary, not_found, replicas, rpc_sessions, tanh_chain
-from obs import wait_for
+from obs import Scrape, wait_for
 
 X, Y = gg.spiral(n_per_class=20, seed=2)
 DATA = {"x": X, "y": Y}
@@ -102,16 +102,17 @@ def check_failover(client: gg.Client, reps: list[Replica]) -> None:
     assert sum(not_found(r) - missing[id(r)] for r in survivors) == moved
 
     # 2. kill a second replica while a slow call runs on it: the call is re-sent and answered
-    slow_graph, w = tanh_chain(12, 512)
+    slow_graph, w = tanh_chain(20, 512)
     batch = {"x": np.random.default_rng(1).normal(size=(2048, 512))}
     slow = client.session(slow_graph, w)
     on = holder_of(slow, survivors)
-    expected_loss = slow.forward(batch).loss  # ~0.5 s or more
+    expected_loss = slow.forward(batch).loss  # ~1 s or more
     first_id = slow.id
 
     def in_flight() -> bool:
-        return (metric(on, "grpc_server_started_total", grpc_method="Forward")
-                > metric(on, "grpc_server_handled_total", grpc_method="Forward"))
+        s = Scrape.of(on.metrics_address)  # one scrape: a slow machine answers scrapes slowly
+        return (s.value("grpc_server_started_total", grpc_method="Forward")
+                > s.value("grpc_server_handled_total", grpc_method="Forward"))
 
     def kill_during_call() -> None:
         wait_for(in_flight, interval=0.005, what="the slow Forward to be running")
