@@ -124,7 +124,7 @@ def test_cases_of_a_server_that_dies_mid_job_go_to_the_others() -> None:
     from cluster import metric, replicas
     from obs import wait_for
 
-    cases = [("slow", slow_case())] * 3 + [(p, load_case(p)) for p in PASSING]
+    cases = [("slow", slow_case())] * 6 + [(p, load_case(p)) for p in PASSING]
     with replicas(3) as reps:
         victim = reps[1]
 
@@ -143,9 +143,9 @@ def test_cases_of_a_server_that_dies_mid_job_go_to_the_others() -> None:
                 c.close()
         killer.join(10)
     assert [o.status for o in outcomes] == ["pass"] * len(cases) and exit_code(outcomes) == 0
-    [moved] = [o for o in outcomes if o.moved_from]
-    assert moved.name == "slow" and moved.moved_from == (victim.address,)
-    assert {o.server for o in outcomes} == {reps[0].address, reps[2].address}
+    moved = [o for o in outcomes if o.moved_from]
+    assert len(moved) == 1 and moved[0].moved_from == (victim.address,)  # the case it had in flight
+    assert moved[0].server in (reps[0].address, reps[2].address)
 
 
 def test_exit_2_when_no_server_is_left(tmp_path: Path, capsys) -> None:
