@@ -4,7 +4,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from gradgate_server import serve
+from gradgate_server import Config, serve
 
 import gradgate as gg
 from gradgate.cli import main, two_layer_net
@@ -141,3 +141,19 @@ def test_embedded_server_and_cli(capsys):
         assert c.list_ops()
     assert main(["ops"]) == 0
     assert "softmax_cross_entropy" in capsys.readouterr().out
+
+
+def test_calls_ride_over_connections_the_server_ages_out() -> None:
+    """--max-connection-age-seconds closes connections gracefully (so dns:/// clients re-resolve):
+    calls made across many such closes all succeed."""
+    g = gg.Graph()
+    x = g.input("x", (None, 2))
+    g.set_loss(gg.sum(x @ g.param("W", (2, 1))))
+    with serve("127.0.0.1:0", Config(max_connection_age_seconds=0.2, grace_seconds=1)) as server, \
+            gg.connect(server.address, timeout=10) as client, client.session(g) as sess:
+        deadline = time.monotonic() + 1.5
+        calls = 0
+        while time.monotonic() < deadline:
+            assert sess.forward({"x": np.ones((2, 2), np.float32)}).loss == 0.0
+            calls += 1
+    assert calls > 50

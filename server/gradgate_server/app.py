@@ -114,6 +114,9 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0)]
+    if config.max_connection_age_seconds > 0:
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,

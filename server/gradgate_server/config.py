@@ -13,6 +13,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # same default as gradgate.client
 class Config:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit
     max_workers: int = 8  # RPC threads; numpy releases the GIL in BLAS
+    max_connection_age_seconds: float = field(default=0.0, metadata={
+        "help": "close client connections after this long (gracefully: calls in flight finish), so "
+                "proxyless clients on dns:/// re-resolve and find new replicas; 0 = never"})
     session_ttl_seconds: float = 600.0  # idle sessions are forgotten after this
     max_sessions: int = 1024
     cache_bytes: int = 2048 * MiB  # budget for all sessions' cached activations
