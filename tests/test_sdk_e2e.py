@@ -150,10 +150,10 @@ def test_calls_ride_over_connections_the_server_ages_out() -> None:
     x = g.input("x", (None, 2))
     g.set_loss(gg.sum(x @ g.param("W", (2, 1))))
     with serve("127.0.0.1:0", Config(max_connection_age_seconds=0.2, grace_seconds=1)) as server, \
-            gg.connect(server.address, timeout=10) as client, client.session(g) as sess:
+            gg.connect(server.address, timeout=10) as client, client.session(g, {"W": np.ones((2, 1))}) as sess:
         deadline = time.monotonic() + 1.5
         calls = 0
         while time.monotonic() < deadline:
-            assert sess.forward({"x": np.ones((2, 2), np.float32)}).loss == 0.0
+            assert sess.forward({"x": np.ones((2, 2), np.float32)}).loss == 4.0
             calls += 1
     assert calls > 50
