@@ -201,3 +201,13 @@ def test_health_answers_while_every_compute_thread_is_busy() -> None:
             f.result()
     assert still_busy >= 3, "the checks ran after the forwards"
     assert max(latencies) < 0.1, latencies
+
+
+def test_state_bytes_are_exported() -> None:
+    g = gg.Graph("float64")
+    g.set_loss(gg.sum(g.param("W", (10, 10))))
+    with serve("127.0.0.1:0", Config(metrics_port=0, state_bytes=10**6)) as server, \
+            gg.connect(server.address, timeout=10) as client, client.session(g):
+        scrape = Scrape.of(server.metrics_address)
+        assert scrape.value("gradgate_state_bytes") == 800
+        assert scrape.value("gradgate_state_budget_bytes") == 10**6

@@ -4,7 +4,7 @@ glibc serves allocations over 128 KiB with mmap and unmaps them on free, so ever
 megabyte-sized tensor or protobuf buffer costs hundreds of page faults (1.3-2 µs
 each here). Raising the thresholds (the same as GLIBC_TUNABLES
 glibc.malloc.mmap_threshold / trim_threshold) lets freed buffers be reused: the
-784-256-10 batch-1 training step round trip (benchmarks/train_step.py) drops
+784-256-10 batch-1 training step round trip (benchmarks/run.py, T2) dropped
 from 5.8 ms to 1.8 ms.
 """
 from __future__ import annotations

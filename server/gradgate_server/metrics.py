@@ -84,6 +84,9 @@ class Metrics:
                                  registry=r)
         self.cache_budget = Gauge("gradgate_cache_budget_bytes", "The cache budget (--cache-bytes).", registry=r)
         self.cache_budget.set(cache_budget_bytes)
+        self.state_bytes = Gauge("gradgate_state_bytes", "Bytes of parameters, buffers, uploaded datasets and "
+                                 "training optimizer state held by all sessions.", registry=r)
+        self.state_budget = Gauge("gradgate_state_budget_bytes", "The state budget (--state-bytes).", registry=r)
         self.op_seconds = Histogram("gradgate_op_compute_seconds",
                                     "Compute time of one node, by op type and pass (forward|backward).",
                                     ["op", "pass"], buckets=OP_BUCKETS, registry=r)
@@ -111,9 +114,11 @@ class Metrics:
     # -- domain recorders --------------------------------------------------------
 
     def watch_store(self, store: SessionStore) -> None:
-        """Read session count and cache bytes live from ``store`` at every scrape."""
+        """Read session count, cache and state bytes live from ``store`` at every scrape."""
         self.sessions_active.set_function(lambda: len(store))
         self.cache_bytes.set_function(lambda: store.cache_bytes)
+        self.state_bytes.set_function(lambda: store.state_bytes)
+        self.state_budget.set(store.state_budget)
 
     def session_event(self, event: str) -> None:
         """SessionStore's hook: created | closed | expired | evicted."""
