@@ -82,7 +82,7 @@ def _client_driven(sess: Session, data: dict[str, np.ndarray], optimizer: Optimi
     for rows in schedule.batches(n, batch_size, epochs, seed, run.step):
         # a new seed per step: fresh dropout masks, and the same ones when a run is repeated
         loss, grads = sess.forward_backward({name: a[rows] for name, a in data.items()}, params=params,
-                                            seed=seed * 1_000_003 + run.step)
+                                            seed=schedule.step_seed(seed, run.step))
         params = optimizer.step(params, grads)
         run.step += 1
         run.losses.append(loss)

@@ -152,7 +152,7 @@ class GradientService:
         return LIST_OPS
 
     def GradientCheck(self, call: Call) -> bytes:
-        # the perturbed partial forwards are not timed as "forward" ops; the hook only stops a dead call
+        # its many partial forwards are not timed as ops: the check is counted as a whole
         result = run_gradient_check(call.msg, call.arrays, self.store, self.config, call.watch)
         self.metrics.gradient_check(result.passed)
         return call.reply(pb.GradientCheckResponse(result=result))

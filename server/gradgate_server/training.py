@@ -106,7 +106,7 @@ class Training:
                 if not context.is_active():
                     raise DeadlineExceeded(f"the Train call ended (cancelled or past its deadline) at step {step}")
                 # the seed gg.train sends with the same step, so both loops draw the same dropout masks
-                losses.append(self._step(start.session_id, rows, optimizer, context, start.seed * 1_000_003 + step))
+                losses.append(self._step(start.session_id, rows, optimizer, schedule.step_seed(start.seed, step)))
                 step += 1
                 if sync.is_set() or (start.sync_every and step % start.sync_every == 0):
                     sync.clear()
@@ -168,7 +168,7 @@ class Training:
         return steps, optimizer
 
     def _step(self, session_id: str, rows: np.ndarray | slice, optimizer: optim.SGD | optim.Adam,
-              context: grpc.ServicerContext, seed: int) -> float:
+              seed: int) -> float:
         with self.store.use(session_id) as session:
             plan = session.plan
             inputs = {name: column[rows] for name, column in session.data.items()}
