@@ -61,7 +61,7 @@ def demo_convnet(args: argparse.Namespace) -> int:
         print(f"training a convnet ({sess.parameter_count} parameters) on {len(train_set['y'])} 8x8 digit images "
               f"via {client.address}")
         losses = gg.train(sess, train_set, gg.optim.Adam(lr=args.lr or 0.01), epochs=args.epochs,
-                          batch_size=args.batch_size, seed=args.seed)
+                          batch_size=args.batch_size, seed=args.seed, on_server=args.on_server)
         scores = sess.forward(test_set, train=False).outputs["scores"]
     accuracy = float(np.mean(scores.argmax(axis=1) == test_set["y"]))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps, {time.perf_counter() - start:.1f} s")
@@ -78,7 +78,7 @@ def demo(args: argparse.Namespace) -> int:
     with gg.connect(args.server) as client, client.session(g, gg.init_params(g, args.seed)) as sess:
         print(f"training {sess.parameter_count} parameters on {len(y)} spiral points via {client.address}")
         losses = gg.train(sess, {"x": X, "y": y}, gg.optim.Adam(lr=args.lr or 0.03), epochs=args.steps,
-                          seed=args.seed)
+                          seed=args.seed, on_server=args.on_server)
         scores = sess.forward({"x": X, "y": y}).outputs["scores"]
     accuracy = float(np.mean(scores.argmax(axis=1) == y))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps, {time.perf_counter() - start:.1f} s")
@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="--convnet: minibatch size (default 64)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.03; --convnet 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and the shuffling")
+    p.add_argument("--on-server", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the training steps on the server (the default), or drive each step from here "
+                        "(--no-on-server): the same result either way")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("ops", help="list the ops the server supports")
