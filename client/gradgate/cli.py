@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="conv-relu-pool x2 + affine on the 8x8 digits (needs pip install 'gradgate[examples]')")
     p.add_argument("--steps", type=int, default=500, help="full-batch training steps on the spiral (default 500)")
     p.add_argument("--epochs", type=int, default=8, help="--convnet: epochs (default 8)")
-    p.add_argument("--batch-size", type=int, default=64, help="--convnet: minibatch size (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="--convnet: minibatch size (default 32)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.03; --convnet 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the initial weights and the shuffling")
     p.add_argument("--on-server", action=argparse.BooleanOptionalAction, default=True,

@@ -18,13 +18,15 @@ def step_count(n: int, batch_size: int, epochs: int) -> int:
 
 def batches(n: int, batch_size: int, epochs: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
     """The row indices of every step from ``start_step`` on."""
-    rng = np.random.default_rng(seed)
     per_epoch = math.ceil(n / batch_size) if n else 0
-    for epoch in range(epochs):
-        order = rng.permutation(n)  # drawn for every epoch, skipped or not, so a resumed run sees the same
-        for k in range(per_epoch):
-            if epoch * per_epoch + k >= start_step:
-                yield order[k * batch_size:(k + 1) * batch_size]
+    if not per_epoch:
+        return
+    first_epoch, skip = divmod(start_step, per_epoch)
+    for epoch in range(first_epoch, epochs):
+        # each epoch's order comes from (seed, epoch) alone, so resuming at any step costs nothing
+        order = np.random.default_rng((seed, epoch)).permutation(n)
+        for k in range(skip if epoch == first_epoch else 0, per_epoch):
+            yield order[k * batch_size:(k + 1) * batch_size]
 
 
 def step_seed(seed: int, step: int) -> int:
