@@ -173,6 +173,31 @@ def test_a_train_resumed_at_a_huge_step_starts_at_once(client) -> None:
         assert replies[-1].sync.done and replies[-1].sync.step == epochs
 
 
+def test_one_train_at_a_time_and_no_upload_while_it_runs(client) -> None:
+    g = mlp()
+    with client.session(g) as sess:
+        sess.upload(spiral(10))
+        running = sess.train_stream(gg.optim.Adam(0.01), 5, 10**6, seed=1, sync_every=1)
+        assert next(running).HasField("progress")  # the first step ran: the stream is live
+        with pytest.raises(gg.GradgateError) as e:
+            list(sess.train_stream(gg.optim.Adam(0.01), 5, 1, seed=1))
+        assert e.value.code == Code.FAILED_PRECONDITION and "cannot start another Train" in e.value.message
+        with pytest.raises(gg.GradgateError) as e:
+            sess.upload(spiral(2))  # fewer rows under a running schedule once gave INTERNAL (IndexError)
+        assert e.value.code == Code.FAILED_PRECONDITION and "cannot replace the dataset" in e.value.message
+        running.close()  # cancels the stream; the server notices between steps
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sess.upload(spiral(2))
+                break
+            except gg.GradgateError as e:
+                assert e.code == Code.FAILED_PRECONDITION and time.monotonic() < deadline
+                time.sleep(0.05)
+        losses = gg.train(sess, spiral(2), gg.optim.Adam(0.01), batch_size=3, progress=False, on_server=True)
+        assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 def test_an_upload_over_the_data_budget_is_refused_before_allocating() -> None:
     g = mlp()
     with serve("127.0.0.1:0", Config(session_bytes=64 * 1024)) as server, \

@@ -60,6 +60,7 @@ class Session:
     forward_id: int = 0  # of the cached forward; 0 = none
     forwards: int = 0  # forwards committed so far (the next one's id is forwards + 1)
     evicted: bool = False  # the tape was dropped to fit the cache budget
+    training: bool = False  # a Train stream runs on this session (one at a time)
     tape_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> Tape.nbytes (shapes are static)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -75,6 +76,12 @@ class Session:
                                      f"{self.forward_id} replaced it (another call on this session ran in between); "
                                      "run Forward and Backward again", "forward_id")
         return self.tape
+
+    def require_idle(self, what: str) -> None:
+        """Refuse ``what`` while a Train stream runs on this session."""
+        if self.training:
+            raise FailedPrecondition(f"{what} while a Train stream runs on session {self.id[:8]}: wait for it to "
+                                     "finish or cancel it", "session_id")
 
     def tape_size(self, tape: Tape) -> int:
         size = self.tape_sizes.get(tape.batch_size)

@@ -47,6 +47,7 @@ class Training:
                                   "session_id")
         session_id, rows = first.msg.session_id, first.msg.rows
         with self.store.use(session_id) as session:
+            session.require_idle("cannot replace the dataset")
             plan = session.plan
         if rows <= 0:
             raise InvalidArgument(f"rows must be > 0, got {rows}", "rows")
@@ -85,6 +86,7 @@ class Training:
         if filled != rows:
             raise InvalidArgument(f"the upload announced {rows} rows but sent {filled}", "rows")
         with self.store.use(session_id) as session:
+            session.require_idle("cannot replace the dataset")  # a Train may have started meanwhile
             self.store.commit(session, data=data)
         return first.reply(train_pb2.UploadDataResponse(rows=rows, bytes=size))
 
@@ -96,8 +98,10 @@ class Training:
             raise InvalidArgument("the first Train message must be `start`", "start")
         start = first.msg.start
         with self.store.use(start.session_id) as session:
+            session.require_idle("cannot start another Train")
             steps, optimizer = self._plan(session, start)
             self.store.commit(session, extra_bytes=optimizer.state_bytes(session.params))
+            session.training = True
         sync = threading.Event()  # the client asked for a sync
         threading.Thread(target=_listen, args=(calls, sync), name="gradgate-train-requests", daemon=True).start()
         step, losses, first_step, flushed = start.start_step, [], start.start_step, time.monotonic()
@@ -122,6 +126,7 @@ class Training:
         finally:
             try:
                 with self.store.use(start.session_id) as session:
+                    session.training = False
                     self.store.commit(session, extra_bytes=0)
             except Exception:  # the session may be gone; nothing to release then
                 pass
