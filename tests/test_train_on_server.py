@@ -146,6 +146,14 @@ def test_bad_uploads_and_train_starts_are_clear_errors(client) -> None:
         assert e.code() == Code.INVALID_ARGUMENT and "past the schedule's 1 steps" in e.details()
         e = start(optimizer=gg.optim.SGD(0.1).to_proto(), batches=[train_pb2.RowRange(start=2, stop=9)])
         assert e.code() == Code.INVALID_ARGUMENT and "not within the dataset's 4 rows" in e.details()
+        for step in (-1, 2**63 - 1):  # NaN parameters; INTERNAL at the final sync, once
+            e = start(optimizer=gg.optim.Adam(0.1).to_proto(), epochs=1,
+                      optimizer_state=train_pb2.OptimizerState(step=step))
+            assert e.code() == Code.INVALID_ARGUMENT and f"step count must be in [0, 2**62], got {step}" in e.details()
+        sess.upload({"x": x, "y": np.array([0, 1, 2, 7])})  # a label out of range: the last row's step fails
+        e = start(optimizer=gg.optim.SGD(0.1).to_proto(), batches=[train_pb2.RowRange(start=i, stop=i + 1)
+                                                                   for i in range(4)])
+        assert e.code() == Code.INVALID_ARGUMENT and e.details().startswith("step 3: node ") and "7" in e.details()
         e = raw_error(client, "Train", [train_pb2.TrainRequest(sync=True)])
         assert e.code() == Code.INVALID_ARGUMENT and "first Train message must be `start`" in e.details()
 
@@ -209,6 +217,40 @@ def test_an_upload_over_the_data_budget_is_refused_before_allocating() -> None:
         assert server.store.state_bytes == before
         assert sess.upload({"x": np.zeros((100, 2)), "y": np.zeros(100, np.int64)}) == 2400
         assert server.store.state_bytes == before + 2400
+
+
+
+def test_uploads_in_flight_count_against_the_budget() -> None:
+    # 24 bytes a row: two uploads of 30,000 rows fit one at a time in 1 MB, not both at once
+    g = mlp()
+    rows = 30_000
+    with serve("127.0.0.1:0", Config(state_bytes=2**20)) as server, gg.connect(server.address, timeout=20) as client, \
+            client.session(g) as a, client.session(g) as b:
+        release = threading.Event()
+
+        def held_open():  # announces the upload, then waits before sending the rows
+            msg = train_pb2.UploadDataRequest(session_id=a.id, rows=rows)
+            yield codec.encode(msg, columns={"x": np.zeros((1, 2)), "y": np.zeros(1, np.int64)})
+            release.wait(20)
+            yield codec.encode(train_pb2.UploadDataRequest(),
+                               columns={"x": np.zeros((rows - 1, 2)), "y": np.zeros(rows - 1, np.int64)})
+
+        call, _ = client.stream("UploadData")
+        first = call.future(held_open(), timeout=20)
+        deadline = time.monotonic() + 10
+        while server.store.reserved_bytes == 0:  # the first upload has reserved its bytes
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert server.store.reserved_bytes == rows * 24
+        with pytest.raises(gg.GradgateError) as e:
+            b.upload({"x": np.zeros((rows, 2)), "y": np.zeros(rows, np.int64)})
+        assert e.value.code == Code.RESOURCE_EXHAUSTED and "more than its budget of 1048576" in e.value.message
+        release.set()
+        assert train_pb2.UploadDataResponse.FromString(first.result()).bytes == rows * 24
+        assert server.store.reserved_bytes == 0 and server.store.state_bytes < 2**20
+        with pytest.raises(gg.GradgateError):  # still refused: the first dataset is held now
+            b.upload({"x": np.zeros((rows, 2)), "y": np.zeros(rows, np.int64)})
+        assert server.store.reserved_bytes == 0
 
 
 # -- surviving the server ----------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 from gradgate.v1 import train_pb2
 
 Arrays = Mapping[str, np.ndarray]
+MAX_STEPS = 2**62  # far beyond any run, and room to count on within the wire's int64
 
 
 class Optimizer(Protocol):
@@ -59,6 +60,8 @@ class _Slots:
 
     def load_state(self, step_count: int, slots: Arrays) -> None:
         """Resume from ``state()`` and ``step_count`` (copies, so the optimizer owns its state)."""
+        if not 0 <= step_count <= MAX_STEPS:  # a negative count turns Adam's bias correction into NaN
+            raise ValueError(f"the optimizer's step count must be in [0, 2**62], got {step_count}")
         self.step_count = int(step_count)
         self.slots = {slot: {} for slot in self.SLOTS}
         for key, a in slots.items():

@@ -54,6 +54,7 @@ class Session:
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     data: dict[str, np.ndarray] = field(default_factory=dict)  # an uploaded dataset (UploadData)
     extra_bytes: int = 0  # e.g. a running Train call's optimizer state
+    reserved_bytes: int = 0  # datasets being uploaded into this session, not yet committed
     state_bytes: int = 0  # params + buffers + data + extra
     tape: Tape | None = None
     tape_bytes: int = 0
@@ -106,6 +107,7 @@ class SessionStore:
         self.cache_bytes = 0
         self.state_bytes = 0
         self.high_water = 0  # most bytes held (state + cache) since the last memory release
+        self.reserved_bytes = 0  # uploads in flight (reserve): counted against the budgets, not yet state
         self._next_sweep = 0.0
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards the dict and the byte counts
@@ -124,7 +126,7 @@ class SessionStore:
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhausted(f"server holds {len(self._sessions)} sessions, the limit; "
                                         "close sessions you no longer need", "session_id")
-            self._check_state(size, 0, "params")
+            self._check_state(None, size, "params")
             session.state_bytes = size
             self.state_bytes += size
             self.high_water = max(self.high_water, self.state_bytes + self.cache_bytes)
@@ -165,11 +167,12 @@ class SessionStore:
 
     def commit(self, session: Session, *, params: dict[str, np.ndarray] | None = None,
                buffers: dict[str, np.ndarray] | None = None, data: dict[str, np.ndarray] = KEEP,
-               extra_bytes: int = KEEP, tape: Tape | None = KEEP) -> None:
+               extra_bytes: int = KEEP, tape: Tape | None = KEEP, reserved: int = 0) -> None:
         """Apply a successful call's changes to ``session`` (whose lock the caller holds), all
         or nothing: the state budgets and the cache budget are checked before anything changes.
         ``params`` and ``buffers`` update the named entries; ``tape`` replaces the cached
-        forward (None drops it), and gets the next forward id."""
+        forward (None drops it), and gets the next forward id. ``reserved``: what the
+        upload committing ``data`` reserved, which its data now takes the place of."""
         new_params = {**session.params, **owned(params)} if params else session.params
         new_buffers = {**session.buffers, **owned(buffers)} if buffers else session.buffers
         new_data = session.data if data is KEEP else data
@@ -180,7 +183,7 @@ class SessionStore:
             raise ResourceExhausted(f"this forward's activations take {size} bytes, more than the server's "
                                     f"whole cache budget of {self.cache_budget}; use smaller batches", "inputs")
         with self._lock:
-            self._check_state(state, session.state_bytes, "data" if data is not KEEP else "params")
+            self._check_state(session, state, "data" if data is not KEEP else "params", reserved)
             if session.id not in self._sessions:  # closed or expired while running: nothing to keep
                 return
             self.state_bytes += state - session.state_bytes
@@ -197,21 +200,34 @@ class SessionStore:
                     self.cache_bytes += size
             self.high_water = max(self.high_water, self.state_bytes + self.cache_bytes)
 
-    def check_room(self, session: Session, data_bytes: int) -> None:
-        """Raise ResourceExhausted unless a dataset of ``data_bytes`` would fit in place of
-        the session's current one (checked before an upload allocates it)."""
+    @contextmanager
+    def reserve(self, session: Session, data_bytes: int) -> Iterator[None]:
+        """Hold ``data_bytes`` against the budgets while an upload fills a dataset of that size
+        in place of the session's current one: refused (ResourceExhausted) before anything is
+        allocated when it would not fit next to everything held or reserved already."""
         with self._lock:
-            size = session.state_bytes - nbytes(session.data.values()) + data_bytes
-            self._check_state(size, session.state_bytes, "rows")
+            self._check_state(session, session.state_bytes - nbytes(session.data.values()) + data_bytes, "rows")
+            self.reserved_bytes += data_bytes
+            session.reserved_bytes += data_bytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.reserved_bytes -= data_bytes
+                session.reserved_bytes -= data_bytes
 
-    def _check_state(self, size: int, current: int, field: str) -> None:
-        if size > self.session_budget:
-            raise ResourceExhausted(f"the session would hold {size} bytes of parameters, buffers and data, more "
-                                    f"than the per-session budget of {self.session_budget}", field)
-        if self.state_bytes - current + size > self.state_budget:
-            raise ResourceExhausted(f"the server's sessions would hold {self.state_bytes - current + size} bytes of "
-                                    f"parameters, buffers and data, more than its budget of {self.state_budget}; "
-                                    "close sessions you no longer need or try another replica", field)
+    def _check_state(self, session: Session | None, size: int, field: str, own_reservation: int = 0) -> None:
+        """Raise ResourceExhausted unless ``session`` (None: a new one) can hold ``size`` bytes of
+        state next to the uploads in flight, other than the caller's ``own_reservation``."""
+        current, pending = (session.state_bytes, session.reserved_bytes - own_reservation) if session else (0, 0)
+        if size + pending > self.session_budget:
+            raise ResourceExhausted(f"the session would hold {size + pending} bytes of parameters, buffers and data, "
+                                    f"more than the per-session budget of {self.session_budget}", field)
+        total = self.state_bytes + self.reserved_bytes - own_reservation - current + size
+        if total > self.state_budget:
+            raise ResourceExhausted(f"the server's sessions would hold {total} bytes of parameters, buffers and "
+                                    f"data, more than its budget of {self.state_budget}; close sessions you no "
+                                    "longer need or try another replica", field)
 
     def _make_room(self, size: int, session: Session) -> None:
         if self.cache_bytes + size <= self.cache_budget:

@@ -23,7 +23,7 @@ from gradgate.codec import from_tensor_map, to_tensor_map
 from gradgate.v1 import train_pb2
 
 from .config import Config
-from .engine import DeadlineExceeded, InvalidArgument, backward, forward
+from .engine import DeadlineExceeded, InvalidArgument, ResourceExhausted, backward, forward
 from .engine.cost import admit
 from .engine.ops import BATCH, fmt
 from .metrics import Metrics
@@ -59,8 +59,17 @@ class Training:
                                       "dimension must be the batch dimension N, and only that one", "columns")
             columns[name] = (rows, *shape[1:])
         size = sum(math.prod(shape) * plan.dtypes[plan.slot[name]].itemsize for name, shape in columns.items())
-        self.store.check_room(session, size)  # before allocating anything
-        data = {name: np.empty(shape, plan.dtypes[plan.slot[name]]) for name, shape in columns.items()}
+        with self.store.reserve(session, size):  # before allocating anything
+            data = {name: np.empty(shape, plan.dtypes[plan.slot[name]]) for name, shape in columns.items()}
+            self._fill(data, rows, first, calls)
+            with self.store.use(session_id) as session:
+                session.require_idle("cannot replace the dataset")  # a Train may have started meanwhile
+                self.store.commit(session, data=data, reserved=size)
+        return first.reply(train_pb2.UploadDataResponse(rows=rows, bytes=size))
+
+    def _fill(self, data: dict[str, np.ndarray], rows: int, first: Call, calls: Iterator[Call]) -> None:
+        """Copy every chunk of the upload into ``data``, checking each against the announced shape."""
+        session_id = first.msg.session_id
         filled = 0
         for call in _chain(first, calls):
             if call.msg.session_id not in ("", session_id):
@@ -85,10 +94,6 @@ class Training:
             filled += n or 0
         if filled != rows:
             raise InvalidArgument(f"the upload announced {rows} rows but sent {filled}", "rows")
-        with self.store.use(session_id) as session:
-            session.require_idle("cannot replace the dataset")  # a Train may have started meanwhile
-            self.store.commit(session, data=data)
-        return first.reply(train_pb2.UploadDataResponse(rows=rows, bytes=size))
 
     # -- Train -----------------------------------------------------------------
 
@@ -110,7 +115,10 @@ class Training:
                 if not context.is_active():
                     raise DeadlineExceeded(f"the Train call ended (cancelled or past its deadline) at step {step}")
                 # the seed gg.train sends with the same step, so both loops draw the same dropout masks
-                losses.append(self._step(start.session_id, rows, optimizer, schedule.step_seed(start.seed, step)))
+                try:
+                    losses.append(self._step(start.session_id, rows, optimizer, schedule.step_seed(start.seed, step)))
+                except (InvalidArgument, ResourceExhausted) as e:  # this batch's fault: say which step it was
+                    raise type(e)(f"step {step}: {e.message}", e.field) from None
                 step += 1
                 if sync.is_set() or (start.sync_every and step % start.sync_every == 0):
                     sync.clear()
