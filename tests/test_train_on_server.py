@@ -253,6 +253,56 @@ def test_uploads_in_flight_count_against_the_budget() -> None:
         assert server.store.reserved_bytes == 0
 
 
+
+def test_quiet_streams_end_instead_of_holding_rpc_threads() -> None:
+    g = mlp()
+    with serve("127.0.0.1:0", Config(max_workers=2, stream_idle_seconds=0.5)) as server, \
+            gg.connect(server.address, timeout=20) as client, client.session(g) as sess:
+        stop = threading.Event()
+
+        def then_quiet(first: bytes):
+            yield first
+            stop.wait(30)
+
+        announce = codec.encode(train_pb2.UploadDataRequest(session_id=sess.id, rows=10),
+                                columns={"x": np.zeros((1, 2)), "y": np.zeros(1, np.int64)})
+        upload, _ = client.stream("UploadData")
+        train, _ = client.stream("Train")
+        quiet = [upload.future(then_quiet(announce)) for _ in range(2)]  # no deadline: both RPC threads taken
+        start = time.monotonic()
+        for call in quiet:
+            assert call.exception(10).code() == Code.DEADLINE_EXCEEDED
+            assert "sent no message on this stream for 0.5 s" in call.exception().details()
+        assert time.monotonic() - start < 5
+        with pytest.raises(grpc.RpcError) as e:  # a Train that never sends its start
+            list(train(iter(stop.wait, True), timeout=10))
+        assert e.value.code() == Code.DEADLINE_EXCEEDED
+        assert sess.forward_backward(spiral(2)).loss > 0  # the threads are free again
+
+        # after its start, a Train's request side may stay quiet for as long as it runs
+        sess.upload(spiral(10))
+        ask = threading.Event()
+
+        def start_then_a_sync_later():
+            yield train_pb2.TrainRequest(start=train_pb2.TrainStart(
+                session_id=sess.id, optimizer=gg.optim.SGD(0.1).to_proto(), batch_size=3, epochs=10**6)
+            ).SerializeToString()
+            ask.wait(20)
+            yield train_pb2.TrainRequest(sync=True).SerializeToString()
+            stop.wait(30)
+
+        replies = train(start_then_a_sync_later(), timeout=20)
+        time.sleep(1.5)  # three idle periods
+        ask.set()
+        for data in replies:
+            reply = train_pb2.TrainResponse.FromString(data)
+            if reply.HasField("sync"):
+                assert not reply.sync.done and reply.sync.step > 0
+                break
+        replies.cancel()
+        stop.set()
+
+
 # -- surviving the server ----------------------------------------------------------
 
 def test_training_on_the_server_survives_sigkill_and_restart(caplog) -> None:

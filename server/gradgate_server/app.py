@@ -120,7 +120,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
-                                         config.max_message_bytes, config.max_tensor_elements, authenticator)
+                                         config.max_message_bytes, config.max_tensor_elements, authenticator,
+                                         config.stream_idle_seconds)
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     # Health answers from threads of its own, so it never waits behind compute.

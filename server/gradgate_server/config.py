@@ -23,6 +23,9 @@ class Config:
         "help": "budget for all sessions' parameters, buffers, uploaded datasets and training optimizer state"})
     session_bytes: int = field(default=1024 * MiB, metadata={
         "help": "the same, per session"})
+    stream_idle_seconds: float = field(default=60.0, metadata={
+        "help": "a stream (UploadData, the start of Train) waits this long at most for the client's next "
+                "message, then ends with DEADLINE_EXCEEDED, so a quiet client does not hold an RPC thread"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = field(default=64 * MiB, metadata={
         "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})

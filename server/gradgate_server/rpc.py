@@ -4,12 +4,15 @@ GradientService methods take and return raw bytes at the grpc level: ``codec``
 decodes each request (tensor maps as zero-copy arrays) into a ``Call`` for the
 servicer, whose reply is already encoded, so message sizes are ``len()`` of bytes at
 hand. Around it, in one wrapper: the status mapping (``errors.status_of``) and the
-per-RPC metrics and access log (``metrics``). Stock servicers (health, reflection)
+per-RPC metrics and access log (``metrics``). Streams hand their handler ``Requests``,
+whose waits for the client's next message are bounded. Stock servicers (health, reflection)
 register through ``Observed``, which wraps their handlers the same way, once, instead
 of an interceptor that would run on every call.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +26,7 @@ from google.protobuf.message import Message
 from gradgate.codec import decode, encode
 from gradgate.v1 import gradient_service_pb2
 
-from .engine import ResourceExhausted, Watch
+from .engine import DeadlineExceeded, ResourceExhausted, Watch
 from .errors import status_of
 from .metrics import Metrics, RpcRecord
 
@@ -62,10 +65,11 @@ class Call:
 
 
 def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int, max_elements: int,
-                              authenticate: Callable[[grpc.ServicerContext], None] | None = None
-                              ) -> dict[str, grpc.RpcMethodHandler]:
+                              authenticate: Callable[[grpc.ServicerContext], None] | None = None,
+                              idle_seconds: float = 60.0) -> dict[str, grpc.RpcMethodHandler]:
     """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
-    ``authenticate`` (auth.py) vets each call before its request is even decoded."""
+    ``authenticate`` (auth.py) vets each call before its request is even decoded; a stream
+    waits at most ``idle_seconds`` for each message its handler asks for (Requests)."""
     handlers = {}
     for method in SERVICE.methods:
         request_type = message_factory.GetMessageClass(method.input_type)
@@ -80,10 +84,9 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
         if method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
+            handler = make(metrics.method(full_name, kind), inner, decoded, idle_seconds)
         else:
-            kind = "unary"
-            make = _unary
-        handler = make(metrics.method(full_name, kind), inner, decoded)
+            handler = _unary(metrics.method(full_name, "unary"), inner, decoded)
         handlers[method.name] = handler
     return handlers
 
@@ -108,20 +111,78 @@ def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) ->
     return grpc.unary_unary_rpc_method_handler(behavior)
 
 
-def _requests(record: RpcRecord, datas: Iterator[bytes], context: grpc.ServicerContext,
-              decoded: Callable) -> Iterator[Call]:
-    for data in datas:
-        record.received(len(data))
-        call = decoded(data, context)
-        record.session = record.session or call.session_id
-        yield call
+class Requests:
+    """A stream's requests as Calls, read ahead by a thread of its own so that waiting is
+    bounded: ``next()`` waits at most ``idle_seconds`` for the client's next message, then
+    raises DeadlineExceeded, so a client that opens a stream and goes quiet does not hold an
+    RPC thread for good; ``ready()`` takes the messages already here without waiting."""
+
+    def __init__(self, record: RpcRecord, datas: Iterator[bytes], context: grpc.ServicerContext,
+                 decoded: Callable[[bytes, grpc.ServicerContext], Call], idle_seconds: float):
+        self._record, self._context, self._decoded, self._idle = record, context, decoded, idle_seconds
+        self._inbox: queue.Queue = queue.Queue(maxsize=2)  # read ahead a little: grpc's flow control does the rest
+        self._ended = False
+        threading.Thread(target=self._read, args=(datas,), name="gradgate-stream-reader", daemon=True).start()
+
+    def _read(self, datas: Iterator[bytes]) -> None:
+        try:
+            for data in datas:
+                if not self._put(data):
+                    return
+        except Exception:  # grpc.RpcError: the call ended or broke; the handler hears it as the end
+            pass
+        self._put(_END)
+
+    def _put(self, item: Any) -> bool:
+        while self._context.is_active():  # a handler that stopped reading ends the call, and this thread
+            try:
+                self._inbox.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Requests:
+        return self
+
+    def __next__(self) -> Call:
+        if self._ended:
+            raise StopIteration
+        try:
+            data = self._inbox.get(timeout=self._idle)
+        except queue.Empty:
+            raise DeadlineExceeded(f"the client sent no message on this stream for {self._idle:g} s "
+                                   "(--stream-idle-seconds)") from None
+        return self._take(data)
+
+    def ready(self) -> list[Call]:
+        calls = []
+        while not self._ended:
+            try:
+                calls.append(self._take(self._inbox.get_nowait()))
+            except (queue.Empty, StopIteration):
+                break
+        return calls
+
+    def _take(self, data: Any) -> Call:
+        if data is _END:
+            self._ended = True
+            raise StopIteration
+        self._record.received(len(data))
+        call = self._decoded(data, self._context)
+        self._record.session = self._record.session or call.session_id
+        return call
 
 
-def _client_stream(record_of: Any, inner: Callable, decoded: Callable) -> grpc.RpcMethodHandler:
+_END = object()
+
+
+def _client_stream(record_of: Any, inner: Callable, decoded: Callable, idle_seconds: float
+                   ) -> grpc.RpcMethodHandler:
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
         record = RpcRecord(record_of, context, None)
         try:
-            response = inner(_requests(record, datas, context, decoded), context)
+            response = inner(Requests(record, datas, context, decoded, idle_seconds), context)
         except Exception as e:
             status = status_of(e, record_of.full_method)
             record.end(status.code, status.details)
@@ -133,11 +194,12 @@ def _client_stream(record_of: Any, inner: Callable, decoded: Callable) -> grpc.R
     return grpc.stream_unary_rpc_method_handler(behavior)
 
 
-def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable) -> grpc.RpcMethodHandler:
+def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable, idle_seconds: float
+                 ) -> grpc.RpcMethodHandler:
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
         try:
-            for response in inner(_requests(record, datas, context, decoded), context):
+            for response in inner(Requests(record, datas, context, decoded, idle_seconds), context):
                 record.sent(len(response))
                 yield response
         except GeneratorExit:  # grpc dropped the stream (the client went away)

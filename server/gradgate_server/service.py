@@ -23,7 +23,7 @@ from .engine.cost import admit
 from .engine.ops import REQUIRED
 from .gradcheck_rpc import run_gradient_check
 from .metrics import Metrics
-from .rpc import Call
+from .rpc import Call, Requests
 from .sessions import KEEP, Session, SessionStore
 from .training import Training
 
@@ -157,10 +157,10 @@ class GradientService:
         self.metrics.gradient_check(result.passed)
         return call.reply(pb.GradientCheckResponse(result=result))
 
-    def UploadData(self, calls: Iterator[Call], context: grpc.ServicerContext) -> bytes:
+    def UploadData(self, calls: Requests, context: grpc.ServicerContext) -> bytes:
         return self.training.upload(calls)
 
-    def Train(self, calls: Iterator[Call], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def Train(self, calls: Requests, context: grpc.ServicerContext) -> Iterator[bytes]:
         return self.training.train(calls, context)
 
 

@@ -11,7 +11,6 @@ request, and at the end.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterator
 
@@ -27,7 +26,7 @@ from .engine import DeadlineExceeded, InvalidArgument, ResourceExhausted, backwa
 from .engine.cost import admit
 from .engine.ops import BATCH, fmt
 from .metrics import Metrics
-from .rpc import Call
+from .rpc import Call, Requests
 from .sessions import Session, SessionStore
 
 PROGRESS_SECONDS = 0.05
@@ -39,7 +38,7 @@ class Training:
 
     # -- UploadData ------------------------------------------------------------
 
-    def upload(self, calls: Iterator[Call]) -> bytes:
+    def upload(self, calls: Requests) -> bytes:
         """Fill every input column chunk by chunk, then swap the dataset in (all or nothing)."""
         first = next(calls, None)
         if first is None:
@@ -97,7 +96,7 @@ class Training:
 
     # -- Train -----------------------------------------------------------------
 
-    def train(self, calls: Iterator[Call], context: grpc.ServicerContext) -> Iterator[bytes]:
+    def train(self, calls: Requests, context: grpc.ServicerContext) -> Iterator[bytes]:
         first = next(calls, None)
         if first is None or first.msg.WhichOneof("kind") != "start":
             raise InvalidArgument("the first Train message must be `start`", "start")
@@ -107,8 +106,6 @@ class Training:
             steps, optimizer = self._plan(session, start)
             self.store.commit(session, extra_bytes=optimizer.state_bytes(session.params))
             session.training = True
-        sync = threading.Event()  # the client asked for a sync
-        threading.Thread(target=_listen, args=(calls, sync), name="gradgate-train-requests", daemon=True).start()
         step, losses, first_step, flushed = start.start_step, [], start.start_step, time.monotonic()
         try:
             for rows in steps:
@@ -120,8 +117,9 @@ class Training:
                 except (InvalidArgument, ResourceExhausted) as e:  # this batch's fault: say which step it was
                     raise type(e)(f"step {step}: {e.message}", e.field) from None
                 step += 1
-                if sync.is_set() or (start.sync_every and step % start.sync_every == 0):
-                    sync.clear()
+                # the client's later messages, read between steps: each `sync` asks for parameters now
+                asked = any(call.msg.WhichOneof("kind") == "sync" for call in calls.ready())
+                if asked or (start.sync_every and step % start.sync_every == 0):
                     yield first.reply(_progress(first_step, losses))
                     first_step, losses, flushed = step, [], time.monotonic()
                     yield self._sync(first, start.session_id, step, optimizer, done=False)
@@ -213,13 +211,3 @@ def _progress(first_step: int, losses: list[float]) -> train_pb2.TrainResponse:
 def _chain(first: Call, rest: Iterator[Call]) -> Iterator[Call]:
     yield first
     yield from rest
-
-
-def _listen(calls: Iterator[Call], sync: threading.Event) -> None:
-    """Read the client's later Train messages: each `sync` asks for parameters now."""
-    try:
-        for call in calls:
-            if call.msg.WhichOneof("kind") == "sync":
-                sync.set()
-    except Exception:  # the stream ended or broke; the step loop notices on its own
-        pass
