@@ -443,3 +443,96 @@ def test_training_on_the_server_is_bounded_the_same_way() -> None:
         assert e.value.code() == Code.RESOURCE_EXHAUSTED and "node 'xT" not in e.value.details()
         assert "576000000 elements" in e.value.details() and "--max-tensor-elements" in e.value.details()
         assert peak_rss(os.getpid()) - before < 100 * 2**20
+
+
+# -- windowed ops: the padded input, kernel positions, strides (probe findings 1, 6, 7) --------
+
+def padded_graph(op: str, p: int, dtype: str = "float32") -> graph_pb2.Graph:
+    """A 1x1 image padded by ``p`` on every side: the probe's bypass. conv2d and max_pool2d read
+    it with a stride of ``p``, so the output is 3x3 and its centre is the image; avg_pool2d's
+    padding must stay under its kernel, so it takes a (p+1)x(p+1) kernel."""
+    attrs = {"conv2d": {"padding": p, "stride": p},
+             "max_pool2d": {"kernel": 2, "dilation": p, "padding": p, "stride": p},
+             "avg_pool2d": {"kernel": p + 1, "padding": p, "stride": p}}[op]
+    g = graph_pb2.Graph()
+    declare(g.inputs, "x", dtype, (-1, 1, 1, 1))
+    declare(g.params, "w", dtype, (1, 1, 1, 1) if op == "conv2d" else (1,))
+    if op == "conv2d":
+        node(g, "c", op, "x", "w", **attrs)
+    else:
+        node(g, "pooled", op, "x", **attrs)
+        node(g, "c", "mul", "pooled", "w")
+    g.loss = node(g, "loss", "sum", "c")
+    return g
+
+
+@pytest.mark.parametrize("op", ["conv2d", "max_pool2d", "avg_pool2d"])
+def test_estimate_counts_the_padded_input_of_windowed_ops(op: str) -> None:
+    """Elements, cache bytes and FLOPs all see the (N, 1, 2p+1, 2p+1) padded input, though
+    the output is tiny: np.pad builds it in the forward, and backward a gradient as large."""
+    p, batch = 100, 3
+    plan = compile_graph(padded_graph(op, p))
+    cost = estimate(plan, batch)
+    padded = batch * (2 * p + 1) ** 2
+    step = [s.name for s in plan.steps].index("pooled" if op != "conv2d" else "c")
+    assert cost.largest_intermediate == (padded, step, "padded input")
+    assert cost.step_flops[step] >= padded
+    assert cost.activation_bytes >= 4 * padded
+    assert max(cost.elements) < 40 * batch  # no value is large: only the intermediate is
+
+
+def test_padding_bypass_is_refused_before_allocating() -> None:
+    """The probe's ~100-byte request: a (N, 1, 1, 1) input padded by 8000 built (N, 1, 16001, 16001)
+    twice (4 GB of RSS at N=4, status OK). Now over the element limit it is RESOURCE_EXHAUSTED,
+    at CreateSession (batch 1) or at the call's batch size, naming the node."""
+    server = ServerProcess()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
+            for op in ("conv2d", "max_pool2d"):
+                start = time.perf_counter()
+                error = refused(stub.CreateSession, pb.CreateSessionRequest(graph=padded_graph(op, 8000)))
+                assert time.perf_counter() - start < 5
+                assert error.code() == Code.RESOURCE_EXHAUSTED, error
+                name = "c" if op == "conv2d" else "pooled"
+                assert f"node {name!r} ({op}) would build its padded input with 256032001 elements" \
+                    in error.details() and "--max-tensor-elements" in error.details(), error.details()
+            # padding 2000 fits at batch 1 (4001**2 = 16M elements) and computes the right thing
+            sid = create(stub, padded_graph("conv2d", 2000), {"w": np.full((1, 1, 1, 1), 2, np.float32)})
+            ok = pb.ForwardBackwardRequest(session_id=sid)
+            codec.to_tensor_map({"x": np.full((1, 1, 1, 1), 3, np.float32)}, ok.inputs)
+            reply = stub.ForwardBackward(ok, timeout=30)
+            assert reply.loss == 6 and codec.from_tensor_map(reply.param_grads, "param_grads")["w"].ravel().tolist() == [3]
+            before = peak_rss(server.proc.pid)
+            # at batch 5 the padded input is 80M elements: refused before np.pad
+            request = pb.ForwardBackwardRequest(session_id=sid)
+            codec.to_tensor_map({"x": np.ones((5, 1, 1, 1), np.float32)}, request.inputs)
+            start = time.perf_counter()
+            error = refused(stub.ForwardBackward, request)
+            took = time.perf_counter() - start
+            assert error.code() == Code.RESOURCE_EXHAUSTED, error
+            assert "node 'c' (conv2d) would build its padded input with 80040005 elements at batch size 5" \
+                in error.details(), error.details()
+            assert took < 5, took
+            after = peak_rss(server.proc.pid)
+            assert after - before < 50 * 2**20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
+    finally:
+        server.close()
+
+
+def test_each_kernel_position_costs_a_numpy_pass() -> None:
+    """Max pooling and every windowed backward make one numpy pass per kernel position (~7 us each
+    however small): a (1, 2**20) window over a 4 MB row took seconds per call at a few MFLOPs
+    estimated. Each position now counts as PASS_FLOPS, so that one is over --max-flops."""
+    from gradgate_server.engine.ops import PASS_FLOPS
+    g = graph_pb2.Graph()
+    declare(g.inputs, "x", "float32", (-1, 1, 1, 2**20))
+    declare(g.params, "w", "float32", (1,))
+    node(g, "pooled", "max_pool2d", "x", kernel=(1, 2**20))
+    node(g, "scaled", "mul", "pooled", "w")
+    g.loss = node(g, "loss", "sum", "scaled")
+    plan = compile_graph(g)
+    cost = estimate(plan, 1)
+    assert cost.step_flops[0] >= PASS_FLOPS * 2**20
+    with pytest.raises(ResourceExhausted, match="the costliest node is 'pooled' \\(max_pool2d"):
+        DEFAULTS.limits.check(plan, cost, cost.forward_flops + cost.backward_flops)

@@ -78,10 +78,14 @@ SAMPLES: dict[str, list[tuple]] = {
                ([rng.normal(size=(1, 2, 7, 6)), rng.normal(size=(2, 2, 2, 3)), rng.normal(size=(2,))],
                 {"stride": 2, "dilation": (2, 1), "padding": (0, 1, 1, 2)}),
                ([rng.normal(size=(2, 4, 4, 4)), rng.normal(size=(6, 2, 3, 3)), rng.normal(size=(6,))],
-                {"groups": 2, "padding": 1})],
+                {"groups": 2, "padding": 1}),
+               # padding larger than the image: a 1x1 kernel's im2col columns are a view of the padded input
+               ([rng.normal(size=(2, 1, 2, 2)), rng.normal(size=(3, 1, 1, 1))], {"padding": (3, 2)})],
     "max_pool2d": [([distinct(2, 2, 4, 4)], {}),
                    ([distinct(1, 2, 5, 5)], {"kernel": 3, "stride": 2, "padding": 1}),
-                   ([distinct(1, 1, 6, 5)], {"kernel": (2, 3), "stride": 1, "dilation": (2, 1)})],
+                   ([distinct(1, 1, 6, 5)], {"kernel": (2, 3), "stride": 1, "dilation": (2, 1)}),
+                   # padded on every side by as much as the image (PyTorch allows up to half the kernel)
+                   ([distinct(2, 1, 2, 2)], {"kernel": 5, "padding": 2, "stride": 1})],
     "avg_pool2d": [([rng.normal(size=(2, 2, 4, 4))], {}),
                    ([rng.normal(size=(1, 2, 5, 5))], {"kernel": 3, "stride": 2, "padding": 1}),
                    ([rng.normal(size=(1, 2, 5, 4))], {"kernel": 3, "stride": (2, 1), "padding": 1,

@@ -7,12 +7,15 @@ FLOPs are known too (DESIGN.md, Security model). They are counted with Python in
 94 KiB request cannot make the server build a (24000, 24000) matrix.
 
 Estimates, documented as such:
+- elements: every value's, and every intermediate array an op's ``intermediates`` rule
+  names (conv2d's padded input and im2col columns), against the per-tensor limit.
 - activations: every value's bytes (views such as reshape counted as copies) plus,
   per node, what its residuals keep besides operands and output: the op's ``cached``
-  rule (conv2d's im2col columns), else as much as its largest operand. That bounds what
-  ``Tape.nbytes`` measures for every op of the registry (tests/test_limits.py checks
-  each); on MLPs it is 1.5-2x the real size.
-- FLOPs: each op's ``flops`` rule (ops.py; default: its output's element count).
+  rule (conv2d's im2col columns and padded input), else as much as its largest operand.
+  That bounds what ``Tape.nbytes`` measures for every op of the registry
+  (tests/test_limits.py checks each); on MLPs it is 1.5-2x the real size.
+- FLOPs: each op's ``flops`` rule (ops.py; default: its output's element count; conv2d
+  and the pools add one per padded input element and PASS_FLOPS per kernel position).
   A backward costs twice its forward (a matmul's two vjps are two matmuls).
 """
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Cost:
     forward_flops: int
     largest: int  # the slot with the most elements
     first_step_slot: int  # step i computes slot first_step_slot + i
+    # the largest intermediate array an op builds: (elements, step index, what it is); (0, -1, "") for none
+    largest_intermediate: tuple[int, int, str] = (0, -1, "")
 
     @property
     def backward_flops(self) -> int:
@@ -78,16 +83,20 @@ def _estimate(plan: Plan, batch: int) -> Cost:
     counts = tuple(elements(shape, batch) for shape in plan.shapes)
     nbytes = [n * dtype.itemsize for n, dtype in zip(counts, plan.dtypes)]
     flops, residuals = [], 0
-    for step in plan.steps:
+    intermediate = (0, -1, "")
+    for i, step in enumerate(plan.steps):
         ins = [concrete(plan.shapes[a], batch) for a in step.args]
         out = concrete(plan.shapes[step.out], batch)
-        rule, keep = step.op.flops, step.op.cached
+        rule, keep, builds = step.op.flops, step.op.cached, step.op.intermediates
         flops.append(max(int(rule(out, *ins, **step.attrs)), 0) if rule else math.prod(out))
         residuals += (max(int(keep(out, *ins, **step.attrs)), 0) * plan.dtype.itemsize if keep
                       else max([nbytes[step.out], *(nbytes[a] for a in step.args)]))
+        for what, n in (builds(out, *ins, **step.attrs) if builds else {}).items():
+            if n > intermediate[0]:
+                intermediate = (n, i, what)
     largest = max(range(len(counts)), key=counts.__getitem__)
     return Cost(batch, counts, tuple(flops), sum(nbytes) + residuals, sum(flops), largest,
-                plan.n_inputs + plan.n_params)
+                plan.n_inputs + plan.n_params, intermediate)
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,13 @@ class Limits:
                 f"{kind} {plan.names[s]!r} would have shape {list(concrete(plan.shapes[s], cost.batch))}, "
                 f"{n} elements{at}: more than the limit of {self.max_elements} per tensor (--max-tensor-elements)",
                 plan.names[s])
+        n, i, what = cost.largest_intermediate
+        if n > self.max_elements:
+            step = plan.steps[i]
+            raise ResourceExhausted(
+                f"node {step.name!r} ({step.op.name}) would build its {what} with {n} elements at batch size "
+                f"{cost.batch}: more than the limit of {self.max_elements} per tensor (--max-tensor-elements)",
+                step.name)
 
 
 def admit(plan: Plan, inputs: Mapping[str, np.ndarray], limits: Limits, backward: bool = False) -> Cost:

@@ -16,10 +16,13 @@ seed and the node, so a run is reproducible; None in eval mode), and ops with
 state ``buffers`` (batchnorm's running statistics) get each buffer by name and
 return ``(out, residuals, new_buffers)``.
 
-Two optional rules say what a node will cost before it runs (engine/cost.py), from
+Optional rules say what a node will cost before it runs (engine/cost.py), from
 ``(out_shape, *input_shapes, **attrs)`` with the batch size filled in: ``flops``
-(default: the output's element count) and ``cached``, the elements its residuals keep
-besides its operands and output (default: as many as its largest operand).
+(default: the output's element count); ``cached``, the elements its residuals keep
+besides its operands and output (default: as many as its largest operand), plus any
+large temporary of its forward (conv2d's padded input); ``intermediates``, the element
+count of each array it builds besides its output, by what it is ({"padded input": n}),
+each held to the per-tensor element limit like a value.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ class OpDef:
     buffers: Callable[..., dict[str, tuple[Shape, float]]] | None = None
     flops: Callable[..., int] | None = None  # see the module doc
     cached: Callable[..., int] | None = None
+    intermediates: Callable[..., dict[str, int]] | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -646,11 +650,23 @@ class Window:
             raise ValueError(f"needs an NCHW input (N, C, H, W) with static C, H, W, got {fmt(x)}")
         (kh, kw), (dh, dw) = _pair(kernel, "kernel", 1), _pair(dilation, "dilation", 1)
         (sh, sw), pads = _pair(stride, "stride", 1), _pads(padding)
-        ho = (x[2] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-        wo = (x[3] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+        hp, wp = x[2] + pads[0] + pads[2], x[3] + pads[1] + pads[3]
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"a {kh}x{kw} window (dilation {dh}x{dw}) does not fit the padded {x[2]}x{x[3]} input")
         return cls(kh, kw, sh, sw, dh, dw, pads, ho, wo)
+
+    @property
+    def positions(self) -> int:
+        """Kernel positions: backward (and max pooling's forward) makes one numpy pass per position."""
+        return self.kh * self.kw
+
+    def padded_elements(self, x: Shape) -> int:
+        """Elements of the padded input (N, C, H + pads, W + pads): np.pad's copy in the forward
+        (with padding) and the backward's zeroed gradient (always)."""
+        t, l, b, r = self.pads
+        return x[0] * x[1] * (x[2] + t + b) * (x[3] + l + r)
 
     def pad(self, x: np.ndarray, fill: float = 0.0) -> np.ndarray:
         t, l, b, r = self.pads
@@ -727,17 +743,58 @@ def _conv2d_dw(g: np.ndarray, cols: np.ndarray, w: np.ndarray, x_shape: Shape, w
     return np.matmul(g4, cols.transpose(0, 1, 3, 2)).sum(axis=0).reshape(w.shape)
 
 
+# Cost rules of the windowed ops (engine/cost.py). Besides its arithmetic, each touches every element of
+# the padded input once (np.pad's copy, backward's zeroed gradient), and makes one numpy pass per kernel
+# position (backward's scatter, max pooling's forward): ~7 us of overhead each, however small.
+PASS_FLOPS = 100_000  # one pass's overhead, as long as 1e5 FLOPs of matmul
+
+
+def _window_flops(win: Window, x: Shape) -> int:
+    return win.padded_elements(x) + PASS_FLOPS * win.positions
+
+
+def _padded_copy(win: Window, x: Shape) -> int:
+    """Elements of the forward's np.pad copy: none without padding (Window.pad returns x itself)."""
+    return win.padded_elements(x) if any(win.pads) else 0
+
+
+def _conv2d_window(x: Shape, w: Shape, stride: Any = 1, padding: Any = 0, dilation: Any = 1, **_: Any) -> Window:
+    return Window.of(x, w[2:], stride, padding, dilation)
+
+
+def _im2col_elements(out: Shape, x: Shape, win: Window) -> int:
+    return out[0] * x[1] * win.positions * out[2] * out[3]
+
+
+def _conv2d_flops(out: Shape, x: Shape, w: Shape, *b: Shape, **attrs: Any) -> int:
+    win = _conv2d_window(x, w, **attrs)
+    return 2 * math.prod(out) * w[1] * win.positions + _window_flops(win, x)
+
+
+def _conv2d_cached(out: Shape, x: Shape, w: Shape, *b: Shape, **attrs: Any) -> int:
+    win = _conv2d_window(x, w, **attrs)
+    return _im2col_elements(out, x, win) + _padded_copy(win, x)
+
+
+def _conv2d_intermediates(out: Shape, x: Shape, w: Shape, *b: Shape, **attrs: Any) -> dict[str, int]:
+    win = _conv2d_window(x, w, **attrs)
+    return {"padded input": win.padded_elements(x), "im2col columns": _im2col_elements(out, x, win)}
+
+
 defop("conv2d", ("x", "w", "b"), _conv2d, _conv2d_dx, _conv2d_dw,
       lambda g, *_: g.sum(axis=(0, 2, 3)),
       attrs={"stride": 1, "padding": 0, "dilation": 1, "groups": 1}, shape=conv2d_shape, optional=1,
-      flops=lambda out, x, w, *b, **_: 2 * math.prod(out) * w[1] * w[2] * w[3],
-      cached=lambda out, x, w, *b, **_: out[0] * x[1] * w[2] * w[3] * out[2] * out[3],  # im2col columns
+      flops=_conv2d_flops, cached=_conv2d_cached, intermediates=_conv2d_intermediates,
       doc="2-D convolution (cross-correlation), NCHW: x (N, C, H, W), w (F, C/groups, kh, kw), optional b (F,)")
 
 
-def pool_shape(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-               **_: Any) -> Shape:
-    win = Window.of(x, kernel, kernel if stride is None else stride, padding, dilation)
+def _pool_window(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                 **_: Any) -> Window:
+    return Window.of(x, kernel, kernel if stride is None else stride, padding, dilation)
+
+
+def pool_shape(x: Shape, **attrs: Any) -> Shape:
+    win = _pool_window(x, **attrs)
     if max(win.pads[0], win.pads[2]) >= win.dh * (win.kh - 1) + 1 or \
             max(win.pads[1], win.pads[3]) >= win.dw * (win.kw - 1) + 1:
         raise ValueError(f"padding {win.pads} must be smaller than the (dilated) window, so that every "
@@ -745,13 +802,23 @@ def pool_shape(x: Shape, kernel: Any = 2, stride: Any = None, padding: Any = 0, 
     return (x[0], x[1], win.ho, win.wo)
 
 
-def _pool_flops(out: Shape, x: Shape, kernel: Any = 2, **_: Any) -> int:
-    return math.prod(out) * math.prod(_pair(kernel, "kernel", 1))
+def _pool_flops(out: Shape, x: Shape, **attrs: Any) -> int:
+    win = _pool_window(x, **attrs)
+    return math.prod(out) * win.positions + _window_flops(win, x)
+
+
+def _pool_cached(out: Shape, x: Shape, **attrs: Any) -> int:
+    """Residuals as large as the output at most (the argmax, the divisors), and the padded copy."""
+    return math.prod(out) + _padded_copy(_pool_window(x, **attrs), x)
+
+
+def _pool_intermediates(out: Shape, x: Shape, **attrs: Any) -> dict[str, int]:
+    return {"padded input": _pool_window(x, **attrs).padded_elements(x)}
 
 
 def _max_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any = 0,
                 dilation: Any = 1) -> tuple[Any, tuple]:
-    win = Window.of(x.shape, kernel, kernel if stride is None else stride, padding, dilation)
+    win = _pool_window(x.shape, kernel, stride, padding, dilation)
     windows = win.view(win.pad(x, -np.inf))
     out = np.array(windows[:, :, 0, 0])
     arg = np.zeros(out.shape, np.int16)  # which kernel position holds the maximum
@@ -774,13 +841,14 @@ def _max_pool2d_dx(g: np.ndarray, arg: np.ndarray, x_shape: Shape, win: Window) 
 
 
 defop("max_pool2d", ("x",), _max_pool2d, _max_pool2d_dx,
-      attrs={"kernel": 2, "stride": None, "padding": 0, "dilation": 1}, shape=pool_shape, flops=_pool_flops,
+      attrs={"kernel": 2, "stride": None, "padding": 0, "dilation": 1}, shape=pool_shape,
+      flops=_pool_flops, cached=_pool_cached, intermediates=_pool_intermediates,
       doc="max over (kernel) windows of NCHW x; stride None = kernel; the gradient goes to each window's maximum")
 
 
 def _avg_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any = 0,
                 count_include_pad: bool = True) -> tuple[Any, tuple]:
-    win = Window.of(x.shape, kernel, kernel if stride is None else stride, padding, 1)
+    win = _pool_window(x.shape, kernel, stride, padding)
     total = win.view(win.pad(x)).sum(axis=(2, 3))
     if count_include_pad or not any(win.pads):
         count: Any = win.kh * win.kw
@@ -800,7 +868,7 @@ def _avg_pool2d_dx(g: np.ndarray, count: Any, x_shape: Shape, win: Window) -> np
 
 defop("avg_pool2d", ("x",), _avg_pool2d, _avg_pool2d_dx,
       attrs={"kernel": 2, "stride": None, "padding": 0, "count_include_pad": True}, shape=pool_shape,
-      flops=_pool_flops,
+      flops=_pool_flops, cached=_pool_cached, intermediates=_pool_intermediates,
       doc="mean over (kernel) windows of NCHW x; stride None = kernel; count_include_pad: padding counts in "
           "the divisor (PyTorch's default; ONNX's is False)")
 
