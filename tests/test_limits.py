@@ -536,3 +536,31 @@ def test_each_kernel_position_costs_a_numpy_pass() -> None:
     assert cost.step_flops[0] >= PASS_FLOPS * 2**20
     with pytest.raises(ResourceExhausted, match="the costliest node is 'pooled' \\(max_pool2d"):
         DEFAULTS.limits.check(plan, cost, cost.forward_flops + cost.backward_flops)
+
+
+def test_max_pool_over_more_than_32768_positions_is_exact() -> None:
+    """A 200x200 window (40000 positions) was INTERNAL: its argmax did not fit the int16 it was kept in."""
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1, 200, 200))
+    scale = g.param("scale", (1,))
+    g.set_loss(gg.sum(gg.max_pool2d(x, kernel=200) * scale))
+    x = np.random.default_rng(0).normal(size=(2, 1, 200, 200))
+    x[1, 0, 199, 198] = 10.0  # the maximum at position 39998
+    with serve("127.0.0.1:0") as srv, gg.connect(srv.address) as client, \
+            client.session(g, {"scale": np.array([2.0])}) as sess:
+        loss, grads = sess.forward_backward({"x": x})
+    assert loss == pytest.approx(2 * (x[0].max() + 10.0))
+    assert grads["scale"] == pytest.approx([x[0].max() + 10.0])
+
+
+def test_max_pool_gradient_reaches_a_position_past_32767() -> None:
+    from gradgate_server.engine import backward
+    g = graph_pb2.Graph()
+    declare(g.params, "x", "float64", (1, 1, 200, 200))
+    node(g, "pooled", "max_pool2d", "x", kernel=200)
+    g.loss = node(g, "loss", "sum", "pooled")
+    plan = compile_graph(g)
+    x = np.zeros((1, 1, 200, 200))
+    x[0, 0, 199, 199] = 1.0  # position 39999
+    grads = backward(plan, forward(plan, {}, {"x": x}), plan.params)
+    assert grads["x"].sum() == 1 and grads["x"][0, 0, 199, 199] == 1

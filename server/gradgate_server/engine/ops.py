@@ -821,7 +821,9 @@ def _max_pool2d(x: np.ndarray, kernel: Any = 2, stride: Any = None, padding: Any
     win = _pool_window(x.shape, kernel, stride, padding, dilation)
     windows = win.view(win.pad(x, -np.inf))
     out = np.array(windows[:, :, 0, 0])
-    arg = np.zeros(out.shape, np.int16)  # which kernel position holds the maximum
+    # which kernel position holds the maximum, in the smallest unsigned type that numbers them all
+    # (a fixed int16 overflowed past 32768 positions, e.g. a 200x200 window)
+    arg = np.zeros(out.shape, np.min_scalar_type(win.positions - 1))
     for i, j, _ in win.offsets():  # kh*kw vectorized passes; the first maximum wins, as in PyTorch
         if i or j:
             v = windows[:, :, i, j]
