@@ -655,6 +655,13 @@ class Window:
         wo = (wp - dw * (kw - 1) - 1) // sw + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"a {kh}x{kw} window (dilation {dh}x{dw}) does not fit the padded {x[2]}x{x[3]} input")
+        # A stride (or a 1-wide kernel's dilation) past the padded extent gives the same output as the
+        # extent itself; a larger one only overflows the strided view's int64 byte strides.
+        for name, value, extent, side in (("stride", sh, hp, "height"), ("stride", sw, wp, "width"),
+                                          ("dilation", dh, hp, "height"), ("dilation", dw, wp, "width")):
+            if value > extent:
+                raise ValueError(f"{name} {value} is larger than the padded input's {side} {extent}; use at most "
+                                 f"{extent} (any larger {name} gives the same output)")
         return cls(kh, kw, sh, sw, dh, dw, pads, ho, wo)
 
     @property

@@ -212,7 +212,9 @@ def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: Watch |
                     out, res = state.call(step, args)
                 else:
                     out, res = step.op.forward(*args, **step.attrs)
-            except (ValueError, IndexError, TypeError) as e:  # data-dependent, e.g. labels out of range
+            # data-dependent, e.g. labels out of range; OverflowError: a number from the request too large
+            # for numpy that compile let through (it should not: that is a bug, but not an INTERNAL one)
+            except (ValueError, IndexError, TypeError, OverflowError) as e:
                 raise InvalidArgument(f"node {step.name!r} ({step.op.name}): {e}", step.name) from None
             if on_step is not None:
                 on_step(step.op.name, time.perf_counter() - start)
