@@ -656,12 +656,8 @@ class Window:
         if ho < 1 or wo < 1:
             raise ValueError(f"a {kh}x{kw} window (dilation {dh}x{dw}) does not fit the padded {x[2]}x{x[3]} input")
         # A stride (or a 1-wide kernel's dilation) past the padded extent gives the same output as the
-        # extent itself; a larger one only overflows the strided view's int64 byte strides.
-        for name, value, extent, side in (("stride", sh, hp, "height"), ("stride", sw, wp, "width"),
-                                          ("dilation", dh, hp, "height"), ("dilation", dw, wp, "width")):
-            if value > extent:
-                raise ValueError(f"{name} {value} is larger than the padded input's {side} {extent}; use at most "
-                                 f"{extent} (any larger {name} gives the same output)")
+        # extent itself (as in PyTorch); taken as given, a huge one overflows the strided view's byte strides.
+        sh, sw, dh, dw = min(sh, hp), min(sw, wp), min(dh, hp), min(dw, wp)
         return cls(kh, kw, sh, sw, dh, dw, pads, ho, wo)
 
     @property
