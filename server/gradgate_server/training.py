@@ -130,8 +130,8 @@ class Training:
                 yield first.reply(_progress(first_step, losses))
             yield self._sync(first, start.session_id, step, optimizer, done=True)
         finally:
-            try:
-                with self.store.use(start.session_id) as session:
+            try:  # as its owner: grpc may close this generator from a thread without the caller's principal
+                with self.store.use(start.session_id, session.owner) as session:
                     session.training = False
                     self.store.commit(session, extra_bytes=0)
             except Exception:  # the session may be gone; nothing to release then
