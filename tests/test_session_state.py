@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import tracemalloc
 
 import grpc
 import numpy as np
@@ -16,6 +17,8 @@ from gradgate import codec
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import Config, serve
+from gradgate_server.engine import compile_graph
+from gradgate_server.engine.cost import estimate, plan_bytes
 
 from obs import Scrape, chain_graph, chain_params, create_request, forward_request
 from procs import ServerProcess
@@ -77,6 +80,12 @@ def test_backward_names_its_forward() -> None:
         stub.Backward(pb.BackwardRequest(session_id=sid, forward_id=c), timeout=10)
 
 
+def graph_bytes(g: gg.Graph) -> int:
+    """What the server counts for ``g``'s compiled plan."""
+    proto = g.to_proto()
+    return plan_bytes(compile_graph(proto), proto.ByteSize())
+
+
 def test_state_budgets_cover_parameters() -> None:
     g = gg.Graph("float64")
     x = g.input("x", (None, 100))
@@ -85,7 +94,7 @@ def test_state_budgets_cover_parameters() -> None:
     with serve("127.0.0.1:0", Config(state_bytes=200_000, session_bytes=100_000)) as server, \
             gg.connect(server.address, timeout=10) as client:
         a, b = client.session(g), client.session(g)
-        assert server.store.state_bytes == 160_000
+        assert server.store.state_bytes == 2 * (80_000 + graph_bytes(g))
         with pytest.raises(gg.GradgateError) as e:
             client.session(g)
         assert e.value.code == Code.RESOURCE_EXHAUSTED
@@ -209,5 +218,34 @@ def test_state_bytes_are_exported() -> None:
     with serve("127.0.0.1:0", Config(metrics_port=0, state_bytes=10**6)) as server, \
             gg.connect(server.address, timeout=10) as client, client.session(g):
         scrape = Scrape.of(server.metrics_address)
-        assert scrape.value("gradgate_state_bytes") == 800
+        assert scrape.value("gradgate_state_bytes") == 800 + graph_bytes(g)
         assert scrape.value("gradgate_state_budget_bytes") == 10**6
+
+
+def test_a_sessions_compiled_graph_counts_against_the_budgets() -> None:
+    """A 9,000-node graph holds megabytes as a compiled plan, with no parameters at all: 1,024
+    sessions of such graphs once went unaccounted for. The estimate bounds what compiling it takes."""
+    g = gg.Graph("float32")
+    v = g.input("x", (None, 4))
+    for i in range(4500):
+        v = gg.tanh(gg.relu(v))
+    g.set_loss(gg.sum(v))
+    proto = g.to_proto()
+    tracemalloc.start()
+    plan = compile_graph(proto)
+    for batch in range(1, 17):  # the plan caches the cost of up to 16 batch sizes
+        estimate(plan, batch)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    estimated = plan_bytes(plan, proto.ByteSize())
+    assert held <= estimated <= 3 * held, (held, estimated)
+    with serve("127.0.0.1:0", Config(state_bytes=3 * estimated)) as server, \
+            gg.connect(server.address, timeout=30) as client:
+        sessions = [client.session(g, {}) for _ in range(3)]
+        assert server.store.state_bytes == 3 * estimated
+        with pytest.raises(gg.GradgateError) as e:
+            client.session(g, {})
+        assert e.value.code == Code.RESOURCE_EXHAUSTED and "more than its budget" in e.value.message
+        for s in sessions:
+            s.close()
+        assert server.store.state_bytes == 0

@@ -19,7 +19,7 @@ from gradgate.v1 import graph_pb2
 from .config import Config
 from .engine import (OPS, InvalidArgument, Plan, Tape, backward, check_buffers, check_params,
                      compile_graph, forward, full_buffers)
-from .engine.cost import admit
+from .engine.cost import admit, plan_bytes
 from .engine.ops import REQUIRED
 from .gradcheck_rpc import run_gradient_check
 from .metrics import Metrics
@@ -89,7 +89,8 @@ class GradientService:
         params, buffers = call.arrays["params"], call.arrays["buffers"]
         check_params(plan, params)
         check_buffers(plan, buffers)
-        session = self.store.create(plan, params, full_buffers(plan, buffers))
+        session = self.store.create(plan, params, full_buffers(plan, buffers),
+                                    plan_bytes=plan_bytes(plan, call.msg.graph.ByteSize()))
         call.session_id = session.id
         return call.reply(pb.CreateSessionResponse(
             session_id=session.id, values=value_infos(plan), parameter_count=plan.parameter_count,

@@ -55,7 +55,8 @@ class Session:
     data: dict[str, np.ndarray] = field(default_factory=dict)  # an uploaded dataset (UploadData)
     extra_bytes: int = 0  # e.g. a running Train call's optimizer state
     reserved_bytes: int = 0  # datasets being uploaded into this session, not yet committed
-    state_bytes: int = 0  # params + buffers + data + extra
+    plan_bytes: int = 0  # its compiled graph, estimated (engine.cost.plan_bytes)
+    state_bytes: int = 0  # params + buffers + data + extra + plan
     tape: Tape | None = None
     tape_bytes: int = 0
     forward_id: int = 0  # of the cached forward; 0 = none
@@ -116,11 +117,13 @@ class SessionStore:
         return len(self._sessions)
 
     def create(self, plan: Plan, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray] | None = None,
-               owner: str | None = None) -> Session:
-        """A new session of ``owner`` (default: the calling principal, auth.py)."""
+               owner: str | None = None, plan_bytes: int = 0) -> Session:
+        """A new session of ``owner`` (default: the calling principal, auth.py); ``plan_bytes``:
+        what ``plan`` keeps in memory, counted with the parameters."""
         owner = principal() if owner is None else owner
-        session = Session(secrets.token_hex(16), plan, owned(params), self.clock(), owner, owned(buffers or {}))
-        size = nbytes(session.params.values(), session.buffers.values())
+        session = Session(secrets.token_hex(16), plan, owned(params), self.clock(), owner, owned(buffers or {}),
+                          plan_bytes=plan_bytes)
+        size = nbytes(session.params.values(), session.buffers.values()) + plan_bytes
         with self._lock:
             self._expire_idle()
             if len(self._sessions) >= self.max_sessions:
@@ -177,7 +180,7 @@ class SessionStore:
         new_buffers = {**session.buffers, **owned(buffers)} if buffers else session.buffers
         new_data = session.data if data is KEEP else data
         new_extra = session.extra_bytes if extra_bytes is KEEP else extra_bytes
-        state = nbytes(new_params.values(), new_buffers.values(), new_data.values()) + new_extra
+        state = nbytes(new_params.values(), new_buffers.values(), new_data.values()) + new_extra + session.plan_bytes
         size = session.tape_size(tape) if tape is not KEEP and tape is not None else 0
         if size > self.cache_budget:
             raise ResourceExhausted(f"this forward's activations take {size} bytes, more than the server's "
