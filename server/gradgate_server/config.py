@@ -20,7 +20,8 @@ class Config:
     max_sessions: int = 1024
     cache_bytes: int = 2048 * MiB  # budget for all sessions' cached activations
     state_bytes: int = field(default=4096 * MiB, metadata={
-        "help": "budget for all sessions' parameters, buffers, uploaded datasets and training optimizer state"})
+        "help": "budget for all sessions' parameters, buffers, uploaded datasets, training optimizer state and "
+                "compiled graphs (estimated: 1 KiB a value plus twice the graph's message)"})
     session_bytes: int = field(default=1024 * MiB, metadata={
         "help": "the same, per session"})
     stream_idle_seconds: float = field(default=60.0, metadata={
