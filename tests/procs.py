@@ -17,6 +17,15 @@ from obs import GRADIENT_SERVICE, Scrape
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def memory_of(pid: int, field: str = "VmRSS") -> int:
+    """A process's memory in bytes from /proc: VmRSS (resident now) or VmHWM (the most it ever had)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
 class ServerProcess:
     """``python -m gradgate_server`` with JSON logs; reads its bound addresses from the log."""
 

@@ -28,7 +28,7 @@ from gradgate_server.engine.cost import Limits, estimate
 from gradgate_server.engine.gradcheck import CheckSettings, gradient_check
 
 from graphs import declare, node, one_op_graph
-from procs import ServerProcess
+from procs import ServerProcess, memory_of
 from test_ops import CASES
 
 Code = grpc.StatusCode
@@ -342,7 +342,7 @@ def test_full_gradient_check_of_a_4000x4000_parameter_is_refused_before_it_start
             W = np.full((4000, 4000), 1e-3, np.float32)  # 64 MB
             sid = create(stub, wide_param_graph(4000), {"W": W})
             del W
-            before = peak_rss(server.proc.pid)
+            before = memory_of(server.proc.pid, "VmHWM")
             request = pb.GradientCheckRequest(session_id=sid,
                                               settings=gradcheck_pb2.GradCheckSettings(mode=gradcheck_pb2.GRAD_CHECK_MODE_FULL))
             codec.to_tensor_map({"x": np.ones((2, 4000), np.float32)}, request.inputs)
@@ -350,7 +350,7 @@ def test_full_gradient_check_of_a_4000x4000_parameter_is_refused_before_it_start
             error = refused(stub.GradientCheck, request, timeout=30)
             took = time.perf_counter() - start
             assert error.code() == Code.RESOURCE_EXHAUSTED and "this gradient check" in error.details()
-            grown = peak_rss(server.proc.pid) - before
+            grown = memory_of(server.proc.pid, "VmHWM") - before
             assert grown < 50 * 2**20, f"peak RSS grew by {grown / 2**20:.0f} MiB"
             # a sparse check of the same parameter fits, and passes
             request.settings.mode = gradcheck_pb2.GRAD_CHECK_MODE_SPARSE
@@ -385,15 +385,6 @@ def test_gradient_check_stops_at_its_deadline_between_coordinates() -> None:
 
 # -- the issue's attack against a server process --------------------------------------
 
-def peak_rss(pid: int) -> int:
-    """VmHWM: the most resident memory the process ever had, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_outer_sum_attack_is_refused_before_allocating() -> None:
     """A 188 KB request that would build two (24000, 24000) float64 matrices (4.6 GB each)."""
     server = ServerProcess()
@@ -405,7 +396,7 @@ def test_outer_sum_attack_is_refused_before_allocating() -> None:
             ok = pb.ForwardRequest(session_id=sid)
             codec.to_tensor_map({"x": x[:100]}, ok.inputs)
             stub.Forward(ok, timeout=10)  # warm: the server has run a forward
-            before = peak_rss(server.proc.pid)
+            before = memory_of(server.proc.pid, "VmHWM")
             timings = []
             for call, request in ((stub.Forward, pb.ForwardRequest(session_id=sid)),
                                   (stub.ForwardBackward, pb.ForwardBackwardRequest(session_id=sid)),
@@ -416,7 +407,7 @@ def test_outer_sum_attack_is_refused_before_allocating() -> None:
                 timings.append(time.perf_counter() - start)
                 assert error.code() == Code.RESOURCE_EXHAUSTED, error
                 assert "node 'outer'" in error.details() and "576000000 elements" in error.details()
-            after = peak_rss(server.proc.pid)
+            after = memory_of(server.proc.pid, "VmHWM")
             assert after - before < 50 * 2**20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
             assert stub.Forward(ok, timeout=10).loss == pytest.approx(2 * 2 * 100 * x[:100].sum())
             print(f"\nN=24000 outer sum refused in {', '.join(f'{t * 1e3:.1f}' for t in timings)} ms "
@@ -437,15 +428,30 @@ def test_training_on_the_server_is_bounded_the_same_way() -> None:
         sess.upload({"x": np.ones((24000, 1))})
         start = train_pb2.TrainStart(session_id=sess.id, optimizer=gg.optim.SGD(0.1).to_proto(), epochs=1)
         call, metadata = client.stream("Train", sess.id)
-        before = peak_rss(os.getpid())
+        before = memory_of(os.getpid(), "VmHWM")
         with pytest.raises(grpc.RpcError) as e:
             list(call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata, timeout=30))
         assert e.value.code() == Code.RESOURCE_EXHAUSTED and "node 'xT" not in e.value.details()
         assert "576000000 elements" in e.value.details() and "--max-tensor-elements" in e.value.details()
-        assert peak_rss(os.getpid()) - before < 100 * 2**20
+        assert memory_of(os.getpid(), "VmHWM") - before < 100 * 2**20
 
 
 # -- windowed ops: the padded input, kernel positions, strides (probe findings 1, 6, 7) --------
+
+def window_graph(op: str, attrs: dict, x_shape: tuple, weight: tuple | None,
+                 dtype: str = "float64") -> graph_pb2.Graph:
+    """loss = sum(op(x)) for conv2d with ``weight``'s shape, else sum(op(x) * w) with w of shape (1,)."""
+    g = graph_pb2.Graph()
+    declare(g.inputs, "x", dtype, x_shape)
+    declare(g.params, "w", dtype, weight or (1,))
+    if op == "conv2d":
+        node(g, "c", op, "x", "w", **attrs)
+    else:
+        node(g, "pooled", op, "x", **attrs)
+        node(g, "c", "mul", "pooled", "w")
+    g.loss = node(g, "loss", "sum", "c")
+    return g
+
 
 def padded_graph(op: str, p: int, dtype: str = "float32") -> graph_pb2.Graph:
     """A 1x1 image padded by ``p`` on every side: the probe's bypass. conv2d and max_pool2d read
@@ -454,16 +460,7 @@ def padded_graph(op: str, p: int, dtype: str = "float32") -> graph_pb2.Graph:
     attrs = {"conv2d": {"padding": p, "stride": p},
              "max_pool2d": {"kernel": 2, "dilation": p, "padding": p, "stride": p},
              "avg_pool2d": {"kernel": p + 1, "padding": p, "stride": p}}[op]
-    g = graph_pb2.Graph()
-    declare(g.inputs, "x", dtype, (-1, 1, 1, 1))
-    declare(g.params, "w", dtype, (1, 1, 1, 1) if op == "conv2d" else (1,))
-    if op == "conv2d":
-        node(g, "c", op, "x", "w", **attrs)
-    else:
-        node(g, "pooled", op, "x", **attrs)
-        node(g, "c", "mul", "pooled", "w")
-    g.loss = node(g, "loss", "sum", "c")
-    return g
+    return window_graph(op, attrs, (-1, 1, 1, 1), (1, 1, 1, 1) if op == "conv2d" else None, dtype)
 
 
 @pytest.mark.parametrize("op", ["conv2d", "max_pool2d", "avg_pool2d"])
@@ -503,7 +500,7 @@ def test_padding_bypass_is_refused_before_allocating() -> None:
             codec.to_tensor_map({"x": np.full((1, 1, 1, 1), 3, np.float32)}, ok.inputs)
             reply = stub.ForwardBackward(ok, timeout=30)
             assert reply.loss == 6 and codec.from_tensor_map(reply.param_grads, "param_grads")["w"].ravel().tolist() == [3]
-            before = peak_rss(server.proc.pid)
+            before = memory_of(server.proc.pid, "VmHWM")
             # at batch 5 the padded input is 80M elements: refused before np.pad
             request = pb.ForwardBackwardRequest(session_id=sid)
             codec.to_tensor_map({"x": np.ones((5, 1, 1, 1), np.float32)}, request.inputs)
@@ -514,7 +511,7 @@ def test_padding_bypass_is_refused_before_allocating() -> None:
             assert "node 'c' (conv2d) would build its padded input with 80040005 elements at batch size 5" \
                 in error.details(), error.details()
             assert took < 5, took
-            after = peak_rss(server.proc.pid)
+            after = memory_of(server.proc.pid, "VmHWM")
             assert after - before < 50 * 2**20, f"peak RSS grew from {before >> 20} to {after >> 20} MiB"
     finally:
         server.close()
@@ -566,19 +563,6 @@ def test_max_pool_gradient_reaches_a_position_past_32767() -> None:
     assert grads["x"].sum() == 1 and grads["x"][0, 0, 199, 199] == 1
 
 
-def window_graph(op: str, attrs: dict, weight: tuple | None) -> graph_pb2.Graph:
-    g = graph_pb2.Graph()
-    declare(g.inputs, "x", "float64", (-1, 3, 8, 8))
-    declare(g.params, "w", "float64", weight or (1,))
-    if op == "conv2d":
-        node(g, "c", op, "x", "w", **attrs)
-    else:
-        node(g, "pooled", op, "x", **attrs)
-        node(g, "c", "mul", "pooled", "w")
-    g.loss = node(g, "loss", "sum", "c")
-    return g
-
-
 @pytest.mark.parametrize("op, attrs, weight", [
     ("conv2d", {"stride": 8}, (4, 3, 3, 3)),
     ("conv2d", {"stride": 2**62}, (4, 3, 3, 3)),
@@ -592,7 +576,7 @@ def window_graph(op: str, attrs: dict, weight: tuple | None) -> graph_pb2.Graph:
 def test_a_stride_past_the_padded_input_reads_one_window(stub, op, attrs, weight) -> None:
     """stride * row bytes once overflowed as_strided's int64 strides: INTERNAL. Any stride from the
     padded extent up reads the top left window alone, as in PyTorch; a 1x1 kernel's dilation changes nothing."""
-    sid = create(stub, window_graph(op, attrs, weight), {"w": np.ones(weight or (1,))})
+    sid = create(stub, window_graph(op, attrs, (-1, 3, 8, 8), weight), {"w": np.ones(weight or (1,))})
     x = np.random.default_rng(0).normal(size=(2, 3, 8, 8))
     request = pb.ForwardRequest(session_id=sid)
     codec.to_tensor_map({"x": x}, request.inputs)

@@ -21,7 +21,7 @@ from gradgate_server.engine import compile_graph
 from gradgate_server.engine.cost import estimate, plan_bytes
 
 from obs import Scrape, chain_graph, chain_params, create_request, forward_request
-from procs import ServerProcess
+from procs import ServerProcess, memory_of
 from test_engine import mlp
 
 Code = grpc.StatusCode
@@ -129,14 +129,6 @@ def test_parameters_never_pin_a_bigger_request() -> None:
         np.testing.assert_array_equal(held, 2.0)
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def rss_by_mapping(pid: int) -> dict[str, int]:
     """Resident KiB by mapping: files together, the heap, and each anonymous mapping by its size
     (malloc arenas are 64 MiB reservations, Python's arenas 1 MiB, thread stacks 8 MiB)."""
@@ -175,13 +167,13 @@ def test_memory_goes_back_to_the_os_after_a_thousand_sessions() -> None:
             for _ in range(3):  # warm up: imports, first allocations of every kind, the allocator's own tables
                 use(100)
             time.sleep(2.5)  # the sweeper releases what the warm-up gave back
-            start, start_maps = rss_bytes(server.proc.pid), rss_by_mapping(server.proc.pid)
+            start, start_maps = memory_of(server.proc.pid), rss_by_mapping(server.proc.pid)
             for _ in range(10):
                 use(100)
             deadline = time.monotonic() + 10
-            while rss_bytes(server.proc.pid) > 1.1 * start and time.monotonic() < deadline:
+            while memory_of(server.proc.pid) > 1.1 * start and time.monotonic() < deadline:
                 time.sleep(0.2)  # the sweeper returns memory about once a second
-            end, end_maps = rss_bytes(server.proc.pid), rss_by_mapping(server.proc.pid)
+            end, end_maps = memory_of(server.proc.pid), rss_by_mapping(server.proc.pid)
     finally:
         server.close()
     assert end <= 1.1 * start, f"RSS {start / 2**20:.0f} MiB -> {end / 2**20:.0f} MiB ({start_maps} -> {end_maps})"

@@ -21,7 +21,7 @@ from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import train_pb2
 from gradgate_server import Config, serve
 
-from obs import Scrape, free_port
+from obs import Scrape, free_port, wait_for
 from procs import ROOT, ServerProcess
 
 Code = grpc.StatusCode
@@ -194,14 +194,15 @@ def test_one_train_at_a_time_and_no_upload_while_it_runs(client) -> None:
             sess.upload(spiral(2))  # fewer rows under a running schedule once gave INTERNAL (IndexError)
         assert e.value.code == Code.FAILED_PRECONDITION and "cannot replace the dataset" in e.value.message
         running.close()  # cancels the stream; the server notices between steps
-        deadline = time.monotonic() + 10
-        while True:
+
+        def uploaded() -> bool:
             try:
-                sess.upload(spiral(2))
-                break
+                return sess.upload(spiral(2)) > 0
             except gg.GradgateError as e:
-                assert e.code == Code.FAILED_PRECONDITION and time.monotonic() < deadline
-                time.sleep(0.05)
+                assert e.code == Code.FAILED_PRECONDITION
+                return False
+
+        wait_for(uploaded, what="the cancelled Train to release the session")
         losses = gg.train(sess, spiral(2), gg.optim.Adam(0.01), batch_size=3, progress=False, on_server=True)
         assert len(losses) == 2 and all(np.isfinite(losses))
 
@@ -237,10 +238,7 @@ def test_uploads_in_flight_count_against_the_budget() -> None:
 
         call, _ = client.stream("UploadData")
         first = call.future(held_open(), timeout=20)
-        deadline = time.monotonic() + 10
-        while server.store.reserved_bytes == 0:  # the first upload has reserved its bytes
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: server.store.reserved_bytes, interval=0.01, what="the first upload's reservation")
         assert server.store.reserved_bytes == rows * 24
         with pytest.raises(gg.GradgateError) as e:
             b.upload({"x": np.zeros((rows, 2)), "y": np.zeros(rows, np.int64)})
