@@ -14,7 +14,7 @@ from gradgate.v1 import gradcheck_pb2, graph_pb2
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from .config import Config
-from .engine import InvalidArgument, Watch, check_batch, check_params, compile_graph
+from .engine import InvalidArgument, Watch, check_params, compile_graph
 from .engine.gradcheck import CheckReport, CheckSettings, gradient_check
 from .sessions import SessionStore
 
@@ -85,7 +85,6 @@ def run_gradient_check(request: pb.GradientCheckRequest, arrays: Mapping[str, di
     else:
         raise InvalidArgument("set session_id to check a session, or graph (with params) to check inline",
                               "session_id")
-    check_batch(plan, inputs)  # against the declared dtypes, before the check widens them to float64
     return result_to_proto(gradient_check(plan, inputs, params, settings, deadline, on_step, buffers=buffers,
                                           train=request.mode != graph_pb2.MODE_EVAL, seed=request.seed,
                                           limits=config.limits))

@@ -183,8 +183,8 @@ class Training:
         with self.store.use(session_id) as session:
             plan = session.plan
             inputs = {name: column[rows] for name, column in session.data.items()}
-            admit(plan, inputs, self.config.limits, backward=True)  # bounded before anything is allocated
-            tape = forward(plan, inputs, session.params, session.buffers, seed=seed)
+            cost = admit(plan, inputs, self.config.limits, backward=True)  # bounded before anything is allocated
+            tape = forward(plan, inputs, session.params, session.buffers, seed=seed, batch=cost.batch)
             grads = backward(plan, tape, plan.params)
             with np.errstate(all="ignore"):  # a diverging run gives NaN losses, not warnings on stderr
                 params = optimizer.step(session.params, grads)

@@ -152,7 +152,8 @@ def gradient_check(plan: Plan, inputs: Mapping[str, np.ndarray], params: Mapping
     inputs = {k: _widen(v) for k, v in inputs.items()}
     params = {k: _widen(v) for k, v in params.items()}
     buffers = {k: _widen(v) for k, v in full_buffers(plan, buffers).items()}
-    tape = forward(plan, inputs, params, buffers, train=train, seed=seed, deadline=deadline, on_step=on_step)
+    tape = forward(plan, inputs, params, buffers, train=train, seed=seed, deadline=deadline, on_step=on_step,
+                   batch=batch)
     if not math.isfinite(tape.loss):
         where = _first_non_finite(plan, tape)
         return CheckReport(tuple(_unchecked(plan, tape, s, f"cannot check {plan.names[s]!r}: the forward loss is "
