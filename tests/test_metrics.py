@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -268,3 +270,14 @@ def test_a_fresh_server_exports_every_method_with_code_ok_at_zero() -> None:
     [watch] = {x.labels["grpc_type"] for x in s.samples
                if x.name == "grpc_server_started_total" and x.labels["grpc_method"] == "Watch"}
     assert watch == "server_stream"
+
+
+def test_logging_can_be_configured_again_and_drains_at_exit() -> None:
+    """A second configure_logging replaces the writer thread; at exit the last one writes what is
+    queued (stopping the first one twice once raised at exit)."""
+    script = ("import logging\nfrom gradgate_server.logs import access, configure_logging\n"
+              "configure_logging('text')\nconfigure_logging('json')\n"
+              "access({'method': 'm', 'code': 'OK'}, 'method=m code=OK')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stderr.strip().splitlines()[-1])["method"] == "m"

@@ -64,11 +64,21 @@ _records: queue.SimpleQueue | None = None
 def access(fields: dict[str, Any], message: Any) -> None:
     """One access-log line (INFO on gradgate_server.rpc): ``fields`` for JSON, ``message`` for text.
     With the CLI's writer thread running, only the fields are queued; else it goes through logging."""
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
     if _records is not None:
-        if ACCESS.isEnabledFor(logging.INFO):
-            _records.put((time.time(), fields, message))
-    elif ACCESS.isEnabledFor(logging.INFO):
+        _records.put((time.time(), fields, message))
+    else:
         ACCESS.info("%s", message, extra={"fields": fields})
+
+
+def _stop_writer() -> None:
+    """Stop the writer thread once it has written what is queued (at exit, or before a new one)."""
+    global _listener, _records
+    if _listener is not None:
+        _records = None
+        _listener.stop()
+        _listener = None
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
@@ -79,11 +89,12 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    if _listener is not None:
-        _listener.stop()
+    _stop_writer()
     records: queue.SimpleQueue = queue.SimpleQueue()
     _listener = _Writer(records, handler)
     _listener.start()
-    atexit.register(_listener.stop)  # drains the queue
     logging.basicConfig(level=level, handlers=[_Queued(records)], force=True)
     _records = records
+
+
+atexit.register(_stop_writer)  # drains the queue
