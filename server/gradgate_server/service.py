@@ -93,9 +93,9 @@ class GradientService:
                                     plan_bytes=plan_bytes(plan, call.msg.graph.ByteSize()))
         call.session_id = session.id
         return call.reply(pb.CreateSessionResponse(
-            session_id=session.id, values=value_infos(plan), parameter_count=plan.parameter_count,
-            ttl_seconds=self.store.ttl, buffers=[graph_pb2.ValueInfo(name=b.name, dtype=DTYPE_NAMES[b.dtype.name],
-                                                                     shape=b.shape) for b in plan.buffers]))
+            session_id=session.id, values=[value_info(*v) for v in zip(plan.names, plan.dtypes, plan.shapes)],
+            parameter_count=plan.parameter_count, ttl_seconds=self.store.ttl,
+            buffers=[value_info(b.name, b.dtype, b.shape) for b in plan.buffers]))
 
     def Forward(self, call: Call) -> bytes:
         with self.store.use(call.msg.session_id) as session:
@@ -165,9 +165,8 @@ class GradientService:
         return self.training.train(calls, context)
 
 
-def value_infos(plan: Plan) -> Iterable[graph_pb2.ValueInfo]:
-    return [graph_pb2.ValueInfo(name=name, dtype=DTYPE_NAMES[dtype.name], shape=shape)
-            for name, dtype, shape in zip(plan.names, plan.dtypes, plan.shapes)]
+def value_info(name: str, dtype: np.dtype, shape: Iterable[int]) -> graph_pb2.ValueInfo:
+    return graph_pb2.ValueInfo(name=name, dtype=DTYPE_NAMES[dtype.name], shape=shape)
 
 
 LIST_OPS = pb.ListOpsResponse(ops=[
