@@ -34,12 +34,38 @@ def test_encode_is_protobuf_and_decode_reads_protobuf(inputs, params, session_id
     for field, want in (("inputs", inputs), ("params", params)):
         got = codec.from_tensor_map(getattr(parsed, field), field)
         assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+    assert all(offset(a, data) % codec.ALIGN == 0 for a in codec.decode(data, pb.ForwardRequest)[1]["inputs"].values()
+               if a.ndim and a.size)
     # ... and decode reads what protobuf wrote, with the same result as reading encode's bytes
     for body in (data, parsed.SerializeToString()):
         message, maps = codec.decode(body, pb.ForwardRequest)
         assert message.session_id == session_id and list(message.outputs) == outputs and not message.inputs
         for field, want in (("inputs", inputs), ("params", params)):
             assert maps[field].keys() == want.keys() and all(same(maps[field][k], want[k]) for k in want)
+
+
+def offset(a: np.ndarray, data: bytes) -> int:
+    """Where ``a``'s data starts in ``data``."""
+    return a.ctypes.data - np.frombuffer(data, np.uint8).ctypes.data
+
+
+@pytest.mark.parametrize("name", ["x", "n" * 200])
+@pytest.mark.parametrize("lead", ["", "s" * 37, "s" * 300])
+def test_tensor_data_starts_aligned(name: str, lead: str) -> None:
+    """Tensors of any size, after fields of any length, start at a multiple of ALIGN: numpy's
+    fast loops want aligned arrays, and decoded arrays view the message."""
+    shapes = [(1,), (3, 5), (300, 2), (2, 70000), (128, 16384, 0), (7, 1, 129)]
+    arrays = {f"{name}{i}{dt.char}": np.ones(shape, dt) for i, shape in enumerate(shapes)
+              for dt in (np.dtype(np.float32), np.dtype(np.int64))}
+    data = codec.encode(pb.ForwardRequest(session_id=lead), inputs=arrays, params={"s": np.float64(2.5)})
+    message, maps = codec.decode(data, pb.ForwardRequest)
+    assert message.session_id == lead and maps["params"]["s"] == 2.5
+    for key, a in arrays.items():
+        got = maps["inputs"][key]
+        assert same(got, a) and (not a.size or offset(got, data) % codec.ALIGN == 0), key
+    parsed = pb.ForwardRequest.FromString(data)  # protobuf reads the longer varints as the same values
+    assert parsed == pb.ForwardRequest.FromString(parsed.SerializeToString())
+    assert same(codec.from_tensor(parsed.inputs[f"{name}3f"]), arrays[f"{name}3f"])
 
 
 def test_decoded_arrays_view_the_received_bytes() -> None:

@@ -59,6 +59,8 @@ def test_input_gradients_and_outputs(client):
         np.testing.assert_array_equal(step.outputs["xw"], [[50.0], [110.0]])
         np.testing.assert_array_equal(step.grads["w"], [[4.0], [6.0]])
         np.testing.assert_array_equal(step.grads["x"], [[10.0, 20.0], [10.0, 20.0]])
+        # arrays viewing a received message are aligned in memory (gradgate.codec.ALIGN)
+        assert all(a.ctypes.data % 16 == 0 for a in (*step.grads.values(), *step.outputs.values()))
         assert "x" not in sess.backward()
 
 

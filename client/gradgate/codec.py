@@ -3,9 +3,11 @@
 Tensors are little-endian, C-order, no strides. Messages that carry
 ``map<string, Tensor>`` fields travel through ``encode`` and ``decode``, which
 write and read those maps by hand: ``encode`` copies each array's bytes once,
-straight into the outgoing message, and ``decode`` hands out read-only arrays
-that view the received bytes (no copy at all). Everything else in a message is
-ordinary protobuf. Element counts are Python ints, checked before numpy sees them.
+straight into the outgoing message at an offset that is a multiple of ALIGN, and
+``decode`` hands out read-only arrays that view the received bytes (no copy at all;
+aligned too, as grpc hands over each message as a new, 16-aligned bytes object).
+Everything else in a message is ordinary protobuf. Element counts are Python ints,
+checked before numpy sees them.
 """
 from __future__ import annotations
 
@@ -192,32 +194,54 @@ def _tensor_maps(cls: type[Message]) -> dict[str, int]:
     return maps
 
 
-_HEADERS: dict[tuple[bytes, str, int, tuple[int, ...]], bytes] = {}  # see _header
+_HEADERS: dict[tuple[bytes, str, int, tuple[int, ...], int], bytes] = {}  # see _header
 _LAYOUTS: dict[tuple[int, int, bytes | None], tuple[bytes, str, int, tuple[int, ...], int]] = {}  # see decode
 _CACHED = 4096  # entries per cache; a training loop sends the same few names and shapes every step
+ALIGN = 16  # tensor data starts at a multiple of this in the message; received bytes objects are 16-aligned
 
 
-def _header(tag: bytes, name: str, code: int, shape: tuple[int, ...]) -> bytes:
-    """The bytes of a map entry {name: Tensor} up to its data: they depend only on these four."""
-    key = (tag, name, code, shape)
+def _padded(n: int, extra: int) -> bytes:
+    """The varint ``n`` written ``extra`` bytes longer than it needs (continuation bytes of
+    zero bits; protobuf reads a varint value of up to ten bytes)."""
+    out = bytearray(_varint(n))
+    if extra:
+        out[-1] |= 128
+        out += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(out)
+
+
+def _header(tag: bytes, name: str, code: int, shape: tuple[int, ...], at: int) -> bytes:
+    """The bytes of a map entry {name: Tensor} up to its data, starting ``at`` bytes (mod ALIGN)
+    into the message: they depend only on these five. Numpy's fast loops want aligned arrays
+    (a sum runs twice as fast), and the receiver's arrays view the message, so the data is
+    aligned by writing the dtype and the dimensions as longer varints than they need."""
+    key = (tag, name, code, shape, at)
     head = _HEADERS.get(key)
     if head is None:
-        dims = (bytes(shape) if max(shape) < 128 else b"".join([_varint(d) for d in shape])) if shape else b""
         nbytes = math.prod(shape) * DTYPES[code].itemsize  # type: ignore[index]
-        tensor = b"\x08" + _SMALL[code] + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
-            b"\x1a" + _varint(nbytes) if nbytes else b"")
         k = name.encode()
-        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(tensor) + nbytes) + tensor
-        head = tag + _varint(len(entry) + nbytes) + entry
+
+        def padded_by(extra: int) -> bytes:  # up to 9 extra bytes in each varint, dtype first
+            pads = [min(9, max(0, extra - 9 * i)) for i in range(1 + len(shape))]
+            dims = b"".join([_padded(d, e) for d, e in zip(shape, pads[1:])])
+            tensor = b"\x08" + _padded(code, pads[0]) + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
+                b"\x1a" + _varint(nbytes) if nbytes else b"")
+            entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(tensor) + nbytes) + tensor
+            return tag + _varint(len(entry) + nbytes) + entry
+
+        heads = map(padded_by, range(10 * (1 + len(shape))))
+        # a scalar may not reach alignment (its data is a few bytes): then the shortest header
+        head = next((h for h in heads if (at + len(h)) % ALIGN == 0), None) or padded_by(0)
         if len(_HEADERS) >= _CACHED:
             _HEADERS.clear()
         _HEADERS[key] = head
     return head
 
 
-def _tensor_entry(parts: list, tag: bytes, name: str, value: Any) -> None:
-    """Append one map entry {name: Tensor(value)} with field tag ``tag`` to ``parts``: the
-    array itself goes in as a buffer, so the final join copies its bytes once."""
+def _tensor_entry(parts: list, at: int, tag: bytes, name: str, value: Any) -> int:
+    """Append one map entry {name: Tensor(value)} with field tag ``tag`` to ``parts``, ``at``
+    bytes into the message; returns the message's length after it. The array itself goes in
+    as a buffer, so the final join copies its bytes once."""
     a = value if type(value) is np.ndarray else np.asarray(value)
     code = _CODES.get(a.dtype)
     if code is None:
@@ -225,22 +249,25 @@ def _tensor_entry(parts: list, tag: bytes, name: str, value: Any) -> None:
         a = a.astype(DTYPES[code])
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    parts.append(_header(tag, name, code, a.shape))
+    head = _header(tag, name, code, a.shape, at % ALIGN)
+    parts.append(head)
     if a.nbytes:
         parts.append(a)
+    return at + len(head) + a.nbytes
 
 
 def encode(message: Message, **tensors: Arrays | None) -> bytes:
     """Serialize ``message`` with its ``map<string, Tensor>`` fields given as arrays:
     ``encode(pb.ForwardRequest(session_id=s), inputs={"x": x})``. Each array's bytes are
-    copied once, into the result."""
+    copied once, into the result, at an offset that is a multiple of ALIGN."""
     numbers = _tensor_maps(type(message))
     parts: list[Any] = [message.SerializeToString()]
+    at = len(parts[0])
     for field, arrays in tensors.items():
         if arrays:
             tag = _varint(numbers[field] << 3 | 2)
             for name, value in arrays.items():
-                _tensor_entry(parts, tag, name, value)
+                at = _tensor_entry(parts, at, tag, name, value)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

@@ -115,24 +115,27 @@ class Adam(_Slots):
         self.betas = (_fraction("beta1", betas[0]), _fraction("beta2", betas[1]))
 
     def step(self, params: Arrays, grads: Arrays) -> dict[str, np.ndarray]:
+        # p - lr/c1 * m / (sqrt(v)/sqrt(c2) + eps), arranged (as PyTorch does) so that one scratch
+        # array per parameter, which becomes the new value, takes every intermediate: 12 passes
         b1, b2 = self.betas
         self.step_count += 1
-        correct1, correct2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
+        correct1, root2 = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
         new = {}
         for name, p in params.items():
             g = grads[name]
             m, v = self._slot("m", name, p), self._slot("v", name, p)
+            t = np.multiply(g, 1 - b1)
             m *= b1
-            m += (1 - b1) * g
+            m += t
+            np.multiply(g, g, out=t)
+            t *= 1 - b2
             v *= b2
-            v += (1 - b2) * g * g
-            denominator = v / correct2
-            np.sqrt(denominator, out=denominator)
-            denominator += self.eps
-            step = m / correct1
-            step *= self.lr
-            step /= denominator
-            new[name] = p - step
+            v += t
+            np.sqrt(v, out=t)
+            t += self.eps * root2
+            np.divide(m, t, out=t)
+            t *= self.lr * root2 / correct1
+            new[name] = np.subtract(p, t, out=t)
         return new
 
     def to_proto(self) -> train_pb2.Optimizer:

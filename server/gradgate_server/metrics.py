@@ -152,8 +152,8 @@ class Metrics:
             for v in values:
                 if isinstance(v, float):
                     bad += not math.isfinite(v)
-                elif v.dtype.kind == "f" and v.size and not math.isfinite(np.add.reduce(v, None)):
-                    # one pass: a sum is NaN/Inf if any element is (or if it overflows: then the count finds 0)
+                elif v.dtype.kind == "f" and v.size and not math.isfinite(np.dot(r := v.reshape(-1), r)):
+                    # one BLAS pass, faster than a sum: NaN/Inf if any element is (or on overflow: the count finds 0)
                     bad += v.size - int(np.count_nonzero(np.isfinite(v)))
         if bad:
             self.nonfinite.labels(kind).inc(bad)
