@@ -68,6 +68,16 @@ def test_tensor_data_starts_aligned(name: str, lead: str) -> None:
     assert same(codec.from_tensor(parsed.inputs[f"{name}3f"]), arrays[f"{name}3f"])
 
 
+def test_alignment_across_varint_boundaries() -> None:
+    """Sizes whose lengths cross a varint boundary (127 -> 128 bytes) as padding grows, at every offset."""
+    for n in range(1, 40):
+        for lead in range(16):
+            for dtype in (np.float32, np.float64):
+                data = codec.encode(pb.ForwardRequest(session_id="s" * lead), inputs={"x": np.ones(n, dtype)})
+                a = codec.decode(data, pb.ForwardRequest)[1]["inputs"]["x"]
+                assert offset(a, data) % codec.ALIGN == 0 and same(a, np.ones(n, dtype)), (n, lead, dtype)
+
+
 def test_decoded_arrays_view_the_received_bytes() -> None:
     x = np.arange(1 << 16, dtype=np.float32).reshape(256, 256)
     data = codec.encode(pb.ForwardRequest(session_id="s"), inputs={"x": x})

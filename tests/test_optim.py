@@ -46,6 +46,7 @@ def test_step_keeps_inputs_and_float32(opt):
     assert new["w"].dtype == np.float32
     np.testing.assert_array_equal(params["w"], np.ones(3))
     assert new["w"] is not params["w"]
+    assert opt.step(params, {"w": np.full(3, 0.5)})["w"].dtype == np.float32  # float64 gradients too
 
 
 @pytest.mark.parametrize("make, message", [

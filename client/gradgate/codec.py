@@ -214,24 +214,26 @@ def _header(tag: bytes, name: str, code: int, shape: tuple[int, ...], at: int) -
     """The bytes of a map entry {name: Tensor} up to its data, starting ``at`` bytes (mod ALIGN)
     into the message: they depend only on these five. Numpy's fast loops want aligned arrays
     (a sum runs twice as fast), and the receiver's arrays view the message, so the data is
-    aligned by writing the dtype and the dimensions as longer varints than they need."""
+    aligned by writing some varints longer than they need: the dtype and the dimensions (up to
+    ten bytes each), and the entry's length (up to five bytes, protobuf's limit for lengths)."""
     key = (tag, name, code, shape, at)
     head = _HEADERS.get(key)
     if head is None:
         nbytes = math.prod(shape) * DTYPES[code].itemsize  # type: ignore[index]
         k = name.encode()
 
-        def padded_by(extra: int) -> bytes:  # up to 9 extra bytes in each varint, dtype first
-            pads = [min(9, max(0, extra - 9 * i)) for i in range(1 + len(shape))]
+        def padded_by(inner: int, outer: int) -> bytes | None:
+            pads = [min(9, max(0, inner - 9 * i)) for i in range(1 + len(shape))]  # dtype first
             dims = b"".join([_padded(d, e) for d, e in zip(shape, pads[1:])])
             tensor = b"\x08" + _padded(code, pads[0]) + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
                 b"\x1a" + _varint(nbytes) if nbytes else b"")
             entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(tensor) + nbytes) + tensor
-            return tag + _varint(len(entry) + nbytes) + entry
+            size = _padded(len(entry) + nbytes, outer)  # padding it changes no length: no varint grows
+            return tag + size + entry if len(size) <= 5 else None
 
-        heads = map(padded_by, range(10 * (1 + len(shape))))
+        heads = (padded_by(i, o) for i in range(10 * (1 + len(shape))) for o in range(5))
         # a scalar may not reach alignment (its data is a few bytes): then the shortest header
-        head = next((h for h in heads if (at + len(h)) % ALIGN == 0), None) or padded_by(0)
+        head = next((h for h in heads if h is not None and (at + len(h)) % ALIGN == 0), None) or padded_by(0, 0)
         if len(_HEADERS) >= _CACHED:
             _HEADERS.clear()
         _HEADERS[key] = head

@@ -124,7 +124,7 @@ class Adam(_Slots):
         for name, p in params.items():
             g = grads[name]
             m, v = self._slot("m", name, p), self._slot("v", name, p)
-            t = np.multiply(g, 1 - b1)
+            t = np.multiply(g, 1 - b1, dtype=p.dtype)  # the new value takes the parameter's dtype
             m *= b1
             m += t
             np.multiply(g, g, out=t)
