@@ -104,9 +104,47 @@ def test_encode_takes_any_layout_and_casts_nothing_it_can_send() -> None:
 
 
 def test_messages_without_tensor_maps_go_through_protobuf() -> None:
-    msg = train_pb2.TrainResponse(progress=train_pb2.TrainProgress(first_step=3, losses=[1.0, 0.5]))
-    got, maps = codec.decode(codec.encode(msg), train_pb2.TrainResponse)
+    msg = pb.CloseSessionRequest(session_id="s")
+    got, maps = codec.decode(codec.encode(msg), pb.CloseSessionRequest)
     assert got == msg and maps == {}
+    progress = train_pb2.TrainResponse(progress=train_pb2.TrainProgress(first_step=3, losses=[1.0, 0.5]))
+    got, maps = codec.decode(codec.encode(progress), train_pb2.TrainResponse)
+    assert got == progress and maps == {"sync": {"params": {}, "buffers": {}, "optimizer_state": {"slots": {}}}}
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(params=tensor_maps, slots=tensor_maps, lead=st.text(max_size=40))
+def test_maps_inside_message_fields(params, slots, lead) -> None:
+    """A Train sync's maps sit two messages deep: encoded by hand as one more occurrence of
+    those fields, which protobuf merges; decoded by hand from either encoding."""
+    msg = train_pb2.TrainResponse(sync=train_pb2.TrainSync(step=5, done=True, optimizer_state=train_pb2.OptimizerState(
+        step=9)))
+    data = codec.encode(msg, sync={"params": params, "optimizer_state": {"slots": slots}, "buffers": {}})
+    parsed = train_pb2.TrainResponse.FromString(data)  # protobuf reads it ...
+    assert parsed.sync.step == 5 and parsed.sync.done and parsed.sync.optimizer_state.step == 9
+    for got, want in ((parsed.sync.params, params), (parsed.sync.optimizer_state.slots, slots)):
+        got = codec.from_tensor_map(got, "x")
+        assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+    for body in (data, parsed.SerializeToString()):  # ... and decode reads both
+        message, maps = codec.decode(body, train_pb2.TrainResponse)
+        assert message.sync.step == 5 and message.sync.optimizer_state.step == 9 and not message.sync.params
+        assert message.sync.HasField("optimizer_state") and not message.sync.optimizer_state.slots
+        for got, want in ((maps["sync"]["params"], params), (maps["sync"]["optimizer_state"]["slots"], slots)):
+            assert got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+        assert all(offset(a, body) % codec.ALIGN == 0 for a in maps["sync"]["params"].values() if a.ndim and a.size) \
+            or body is not data
+    # a field with no tensors in it is left as the message has it: not made present
+    bare = codec.encode(train_pb2.TrainRequest(), start={"optimizer_state": {"slots": {}}})
+    assert not train_pb2.TrainRequest.FromString(bare).HasField("start")
+
+
+def test_limits_and_errors_name_nested_fields() -> None:
+    data = codec.encode(train_pb2.TrainRequest(start=train_pb2.TrainStart(session_id="s")),
+                        start={"optimizer_state": {"slots": {"m/w": np.ones(10)}}})
+    with pytest.raises(codec.TensorTooLarge, match=r"start\.optimizer_state\.slots\['m/w'\]"):
+        codec.decode(data, train_pb2.TrainRequest, max_elements=5)
+    with pytest.raises(codec.CodecError, match="not a valid gradgate.v1.TrainRequest"):
+        codec.decode(data[:-3], train_pb2.TrainRequest)
 
 
 @pytest.mark.parametrize("body, message", [

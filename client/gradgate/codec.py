@@ -11,12 +11,14 @@ checked before numpy sees them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import numpy as np
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
 from gradgate.v1 import graph_pb2, tensor_pb2
@@ -181,6 +183,7 @@ def _varint(n: int) -> bytes:
 
 
 _MAPS: dict[type, dict[str, int]] = {}
+_NESTED: dict[type, dict[str, tuple[int, type[Message]]]] = {}
 
 
 def _tensor_maps(cls: type[Message]) -> dict[str, int]:
@@ -192,6 +195,20 @@ def _tensor_maps(cls: type[Message]) -> dict[str, int]:
             if f.message_type is not None and f.message_type.GetOptions().map_entry
             and f.message_type.fields_by_name["value"].message_type is tensor_pb2.Tensor.DESCRIPTOR}
     return maps
+
+
+def _nested(cls: type[Message]) -> dict[str, tuple[int, type[Message]]]:
+    """Field name -> (number, class) of every singular message field of ``cls`` that holds
+    tensor maps itself or further down (TrainResponse.sync, TrainSync.optimizer_state)."""
+    nested = _NESTED.get(cls)
+    if nested is None:
+        _NESTED[cls] = {}  # a message type that contains itself ends here
+        nested = _NESTED[cls] = {
+            f.name: (f.number, sub) for f in cls.DESCRIPTOR.fields
+            if f.message_type is not None and not f.message_type.GetOptions().map_entry
+            and not f.is_repeated
+            and (_tensor_maps(sub := message_factory.GetMessageClass(f.message_type)) or _nested(sub))}
+    return nested
 
 
 _HEADERS: dict[tuple[bytes, str, int, tuple[int, ...], int], bytes] = {}  # see _header
@@ -222,18 +239,21 @@ def _header(tag: bytes, name: str, code: int, shape: tuple[int, ...], at: int) -
         nbytes = math.prod(shape) * DTYPES[code].itemsize  # type: ignore[index]
         k = name.encode()
 
-        def padded_by(inner: int, outer: int) -> bytes | None:
+        def padded_by(inner: int, outer: int) -> bytes:
             pads = [min(9, max(0, inner - 9 * i)) for i in range(1 + len(shape))]  # dtype first
             dims = b"".join([_padded(d, e) for d, e in zip(shape, pads[1:])])
             tensor = b"\x08" + _padded(code, pads[0]) + (b"\x12" + _varint(len(dims)) + dims if dims else b"") + (
                 b"\x1a" + _varint(nbytes) if nbytes else b"")
             entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(tensor) + nbytes) + tensor
             size = _padded(len(entry) + nbytes, outer)  # padding it changes no length: no varint grows
-            return tag + size + entry if len(size) <= 5 else None
+            return tag + size + entry if len(size) <= 5 else b""
 
-        heads = (padded_by(i, o) for i in range(10 * (1 + len(shape))) for o in range(5))
+        shortest = padded_by(0, 0)
+        want = -(at + len(shortest)) % ALIGN  # extra bytes: as the dtype's, unless a length grows with them
+        every = ((i, o) for i in range(10 * (1 + len(shape))) for o in range(5))
+        heads = (padded_by(i, o) for i, o in itertools.chain([(want, 0)], every) if nbytes)  # no data: no need
         # a scalar may not reach alignment (its data is a few bytes): then the shortest header
-        head = next((h for h in heads if h is not None and (at + len(h)) % ALIGN == 0), None) or padded_by(0, 0)
+        head = next((h for h in heads if h and (at + len(h)) % ALIGN == 0), shortest)
         if len(_HEADERS) >= _CACHED:
             _HEADERS.clear()
         _HEADERS[key] = head
@@ -258,19 +278,40 @@ def _tensor_entry(parts: list, at: int, tag: bytes, name: str, value: Any) -> in
     return at + len(head) + a.nbytes
 
 
-def encode(message: Message, **tensors: Arrays | None) -> bytes:
+def encode(message: Message, **tensors: Any) -> bytes:
     """Serialize ``message`` with its ``map<string, Tensor>`` fields given as arrays:
-    ``encode(pb.ForwardRequest(session_id=s), inputs={"x": x})``. Each array's bytes are
-    copied once, into the result, at an offset that is a multiple of ALIGN."""
-    numbers = _tensor_maps(type(message))
+    ``encode(pb.ForwardRequest(session_id=s), inputs={"x": x})``; maps inside a message field
+    as a dict of that message's maps: ``encode(TrainResponse(sync=...), sync={"params": p})``.
+    Each array's bytes are copied once, into the result, at an offset that is a multiple of ALIGN."""
     parts: list[Any] = [message.SerializeToString()]
-    at = len(parts[0])
+    _write(parts, len(parts[0]), type(message), tensors)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _write(parts: list, at: int, cls: type[Message], tensors: Mapping[str, Any]) -> int:
+    """Append the tensor maps of a ``cls`` message, ``at`` bytes into the whole one; returns
+    its length after them. A message field goes in as one more occurrence of that field,
+    which protobuf merges into the first."""
+    numbers = _tensor_maps(cls)
     for field, arrays in tensors.items():
-        if arrays:
+        if not arrays:
+            continue
+        if field in numbers:
             tag = _varint(numbers[field] << 3 | 2)
             for name, value in arrays.items():
                 at = _tensor_entry(parts, at, tag, name, value)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+            continue
+        number, sub = _nested(cls)[field]
+        tag, mark = _varint(number << 3 | 2), len(parts)
+        parts += [tag, b""]
+        start = at + len(tag) + 5  # the length takes five bytes: its contents' offsets come first
+        end = _write(parts, start, sub, arrays)
+        if end == start:  # no tensor in it after all: leave the field as the message has it
+            del parts[mark:]
+            continue
+        parts[mark + 1] = _padded(end - start, 5 - len(_varint(end - start)))
+        at = end
+    return at
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -353,77 +394,112 @@ def _read_tensor(data: bytes, pos: int, end: int) -> tuple[int, tuple[int, ...],
     return code, tuple(shape), offset, nbytes
 
 
-def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
+def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, Any]]:
     """Parse ``data`` as a ``cls`` message: the message without its tensor maps, and those maps
-    as ``{field: {name: array}}`` of read-only arrays viewing ``data``. A malformed body raises
-    CodecError naming the field; a tensor over ``max_elements`` raises TensorTooLarge."""
-    numbers = _tensor_maps(cls)
-    arrays: dict[str, dict[str, np.ndarray]] = {field: {} for field in numbers}
-    if not numbers:
+    as ``{field: {name: array}}`` of read-only arrays viewing ``data`` (for maps inside a message
+    field, ``{field: {its field: {name: array}}}``). A malformed body raises CodecError naming
+    the field; a tensor over ``max_elements`` raises TensorTooLarge."""
+    if not _tensor_maps(cls) and not _nested(cls):
         try:
-            return cls.FromString(data), arrays
+            return cls.FromString(data), {}
         except DecodeError as e:
             raise _not_a(cls, data, e) from None
-    fields = {number: field for field, number in numbers.items()}
     rest: list[bytes] = []
-    pos, end = 0, len(data)
     try:
-        while pos < end:
-            start = pos
-            tag = data[pos]
-            pos += 1
-            if tag >= 128:
-                tag, pos = _read_varint(data, pos - 1, end)
-            field = fields.get(tag >> 3) if tag & 7 == 2 else None
-            if field is None:
-                pos = _skip(data, tag & 7, pos, end)
-                rest.append(data[start:pos])
-                continue
-            length, pos = _read_varint(data, pos, end)
-            stop = pos + length
-            if stop > end:
-                raise DecodeError("truncated map entry")
-            # the usual entry starts with its key (field 1), a short name: look for a header seen before
-            named = data[pos + 2:pos + 2 + data[pos + 1]] if length > 2 and data[pos] == 0x0A and data[pos + 1] < 128 \
-                else None
-            layout = _LAYOUTS.get((tag, length, named))
-            if layout is not None and data.startswith(layout[0], pos):  # only the data differs
-                head, name, code, shape, nbytes = layout
-                arrays[field][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements, field, name)
-                pos = stop
-                continue
-            start = pos
-            name, tensor = "", None
-            while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
-                key = data[pos]
-                if key == 0x0A or key == 0x12:
-                    n = data[pos + 1]
-                    pos += 2
-                    if n >= 128:
-                        n, pos = _read_varint(data, pos - 1, stop)
-                    if key == 0x0A:
-                        name = data[pos:pos + n].decode()
-                    else:
-                        tensor = (pos, pos + n)
-                    pos += n
-                else:
-                    key, pos = _read_varint(data, pos, stop)
-                    pos = _skip(data, key & 7, pos, stop)
-            if pos > stop:
-                raise DecodeError("truncated map entry")
-            t0, t1 = tensor if tensor is not None else (stop, stop)
-            code, shape, offset, nbytes = _read_tensor(data, t0, t1)
-            arrays[field][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
-            if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
-                if len(_LAYOUTS) >= _CACHED:
-                    _LAYOUTS.clear()
-                _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
+        arrays = _read(data, 0, len(data), cls, max_elements, rest, "")
         message = cls.FromString(b"".join(rest))
     except IndexError:
         raise _not_a(cls, data, DecodeError("truncated field")) from None
     except (DecodeError, UnicodeDecodeError) as e:
         raise _not_a(cls, data, e) from None
     return message, arrays
+
+
+def _read(data: bytes, pos: int, end: int, cls: type[Message], max_elements: int | None, rest: list[bytes],
+          path: str) -> dict[str, Any]:
+    """The tensor maps of the ``cls`` message in ``data[pos:end]``, with the bytes of its other
+    fields appended to ``rest``; ``path`` ("sync.") prefixes the field names errors give."""
+    numbers, nested = _tensor_maps(cls), _nested(cls)
+    arrays: dict[str, Any] = {field: {} for field in numbers}
+    fields: dict[int, str] = {number: field for field, number in numbers.items()}
+    while pos < end:
+        start = pos
+        tag = data[pos]
+        pos += 1
+        if tag >= 128:
+            tag, pos = _read_varint(data, pos - 1, end)
+        field = fields.get(tag >> 3) if tag & 7 == 2 else None
+        if field is None:
+            sub = next((f for f, (number, _) in nested.items() if number == tag >> 3), None) if tag & 7 == 2 else None
+            if sub is None:
+                pos = _skip(data, tag & 7, pos, end)
+                rest.append(data[start:pos])
+                continue
+            # a message field with tensor maps inside: take them out, keep the rest of it in place
+            tag_end = pos
+            length, pos = _read_varint(data, pos, end)
+            if pos + length > end:
+                raise DecodeError("truncated field")
+            inner: list[bytes] = []
+            _merge(arrays.setdefault(sub, {}),
+                   _read(data, pos, pos + length, nested[sub][1], max_elements, inner, f"{path}{sub}."))
+            body = b"".join(inner)
+            rest.append(data[start:tag_end] + _varint(len(body)) + body)
+            pos += length
+            continue
+        field = path + field
+        length, pos = _read_varint(data, pos, end)
+        stop = pos + length
+        if stop > end:
+            raise DecodeError("truncated map entry")
+        # the usual entry starts with its key (field 1), a short name: look for a header seen before
+        named = data[pos + 2:pos + 2 + data[pos + 1]] if length > 2 and data[pos] == 0x0A and data[pos + 1] < 128 \
+            else None
+        layout = _LAYOUTS.get((tag, length, named))
+        if layout is not None and data.startswith(layout[0], pos):  # only the data differs
+            head, name, code, shape, nbytes = layout
+            arrays[fields[tag >> 3]][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements,
+                                                    field, name)
+            pos = stop
+            continue
+        start = pos
+        name, tensor = "", None
+        while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
+            key = data[pos]
+            if key == 0x0A or key == 0x12:
+                n = data[pos + 1]
+                pos += 2
+                if n >= 128:
+                    n, pos = _read_varint(data, pos - 1, stop)
+                if key == 0x0A:
+                    name = data[pos:pos + n].decode()
+                else:
+                    tensor = (pos, pos + n)
+                pos += n
+            else:
+                key, pos = _read_varint(data, pos, stop)
+                pos = _skip(data, key & 7, pos, stop)
+        if pos > stop:
+            raise DecodeError("truncated map entry")
+        t0, t1 = tensor if tensor is not None else (stop, stop)
+        code, shape, offset, nbytes = _read_tensor(data, t0, t1)
+        arrays[fields[tag >> 3]][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
+        if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
+            if len(_LAYOUTS) >= _CACHED:
+                _LAYOUTS.clear()
+            _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
+    for sub, (_, sub_cls) in nested.items():  # every map reads as a dict, present or not
+        arrays.setdefault(sub, _read(b"", 0, 0, sub_cls, None, [], ""))
+    return arrays
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """A message field that comes twice merges (protobuf): its maps are one map."""
+    for key, value in new.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
 
 
 def _not_a(cls: type[Message], data: bytes, error: Exception) -> CodecError:

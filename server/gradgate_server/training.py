@@ -18,7 +18,6 @@ import grpc
 import numpy as np
 
 from gradgate import optim, schedule
-from gradgate.codec import from_tensor_map, to_tensor_map
 from gradgate.v1 import train_pb2
 
 from .config import Config
@@ -103,7 +102,7 @@ class Training:
         start = first.msg.start
         with self.store.use(start.session_id) as session:
             session.require_idle("cannot start another Train")
-            steps, optimizer = self._plan(session, start)
+            steps, optimizer = self._plan(session, start, first.arrays["start"]["optimizer_state"]["slots"])
             self.store.commit(session, extra_bytes=optimizer.state_bytes(session.params))
             session.training = True
         step, losses, first_step, flushed = start.start_step, [], start.start_step, time.monotonic()
@@ -137,8 +136,10 @@ class Training:
             except Exception:  # the session may be gone; nothing to release then
                 pass
 
-    def _plan(self, session: Session, start: train_pb2.TrainStart) -> tuple[Iterator, optim.SGD | optim.Adam]:
-        """Validate a TrainStart: the schedule's row indices from start_step on, and the optimizer."""
+    def _plan(self, session: Session, start: train_pb2.TrainStart,
+              slots: dict[str, np.ndarray]) -> tuple[Iterator, optim.SGD | optim.Adam]:
+        """Validate a TrainStart (``slots``: its optimizer state's arrays): the schedule's row
+        indices from start_step on, and the optimizer."""
         if not session.data:
             raise InvalidArgument("the session has no dataset: call UploadData before Train", "session_id")
         n = len(next(iter(session.data.values())))
@@ -165,7 +166,6 @@ class Training:
             raise InvalidArgument(f"start_step {start.start_step} is past the schedule's {total} steps", "start_step")
         if start.HasField("optimizer_state"):
             state = start.optimizer_state
-            slots = from_tensor_map(state.slots, "optimizer_state.slots", self.config.max_tensor_elements)
             params = session.params
             for key, a in slots.items():
                 name = key.partition("/")[2]
@@ -196,12 +196,11 @@ class Training:
     def _sync(self, first: Call, session_id: str, step: int, optimizer: optim.SGD | optim.Adam,
               done: bool) -> bytes:
         with self.store.use(session_id) as session:
-            msg = train_pb2.TrainSync(step=step, done=done,
-                                      optimizer_state=train_pb2.OptimizerState(step=optimizer.step_count))
-            to_tensor_map(session.params, msg.params)
-            to_tensor_map(session.buffers, msg.buffers)
-        to_tensor_map(optimizer.state(), msg.optimizer_state.slots)
-        return first.reply(train_pb2.TrainResponse(sync=msg))
+            params, buffers = session.params, session.buffers  # replaced, never changed in place, by commits
+        msg = train_pb2.TrainSync(step=step, done=done, optimizer_state=train_pb2.OptimizerState(
+            step=optimizer.step_count))
+        return first.reply(train_pb2.TrainResponse(sync=msg), sync={
+            "params": params, "buffers": buffers, "optimizer_state": {"slots": optimizer.state()}})
 
 
 def _progress(first_step: int, losses: list[float]) -> train_pb2.TrainResponse:
