@@ -422,6 +422,7 @@ def _read(data: bytes, pos: int, end: int, cls: type[Message], max_elements: int
     numbers, nested = _tensor_maps(cls), _nested(cls)
     arrays: dict[str, Any] = {field: {} for field in numbers}
     fields: dict[int, str] = {number: field for field, number in numbers.items()}
+    subs: dict[int, str] = {number: field for field, (number, _) in nested.items()}
     while pos < end:
         start = pos
         tag = data[pos]
@@ -430,7 +431,7 @@ def _read(data: bytes, pos: int, end: int, cls: type[Message], max_elements: int
             tag, pos = _read_varint(data, pos - 1, end)
         field = fields.get(tag >> 3) if tag & 7 == 2 else None
         if field is None:
-            sub = next((f for f, (number, _) in nested.items() if number == tag >> 3), None) if tag & 7 == 2 else None
+            sub = subs.get(tag >> 3) if tag & 7 == 2 else None
             if sub is None:
                 pos = _skip(data, tag & 7, pos, end)
                 rest.append(data[start:pos])
