@@ -328,8 +328,11 @@ def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     raise DecodeError("truncated or overlong varint")
 
 
-def _skip(data: bytes, wire: int, pos: int, end: int) -> int:
-    """The position after a field's value of wire type ``wire``."""
+def _skip(data: bytes, key: int, pos: int, end: int) -> int:
+    """The position after the value of the field whose key (number and wire type) is ``key``."""
+    wire = key & 7
+    if key < 8:
+        raise DecodeError("field number 0")
     if wire == 0:
         return _read_varint(data, pos, end)[1]
     if wire == 1:
@@ -390,117 +393,91 @@ def _read_tensor(data: bytes, pos: int, end: int) -> tuple[int, tuple[int, ...],
                 d, pos = _read_varint(data, pos, end)
                 shape.append(d - (1 << 64) if d >= 1 << 63 else d)
             else:
-                pos = _skip(data, key & 7, pos, end)
+                pos = _skip(data, key, pos, end)
+    if pos > end:  # a last field's value past the tensor's end
+        raise DecodeError("truncated tensor")
     return code, tuple(shape), offset, nbytes
 
 
-def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, Any]]:
-    """Parse ``data`` as a ``cls`` message: the message without its tensor maps, and those maps
-    as ``{field: {name: array}}`` of read-only arrays viewing ``data`` (for maps inside a message
-    field, ``{field: {its field: {name: array}}}``). A malformed body raises CodecError naming
-    the field; a tensor over ``max_elements`` raises TensorTooLarge."""
-    if not _tensor_maps(cls) and not _nested(cls):
+MAX_FIELDS = 100_000  # per message body: no request needs more, and each costs the decoder ~1-4 µs
+
+
+def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
+    """Parse ``data`` as a ``cls`` message: the message without its top-level tensor maps, and
+    those maps as ``{field: {name: array}}`` of read-only arrays viewing ``data`` (maps deeper
+    down, as in a Train sync, are left to protobuf). A malformed body, or one of more than
+    MAX_FIELDS fields, raises CodecError naming the field; a tensor over ``max_elements``
+    raises TensorTooLarge."""
+    numbers = _tensor_maps(cls)
+    arrays: dict[str, dict[str, np.ndarray]] = {field: {} for field in numbers}
+    if not numbers:
         try:
-            return cls.FromString(data), {}
+            return cls.FromString(data), arrays
         except DecodeError as e:
             raise _not_a(cls, data, e) from None
+    fields = {number: field for field, number in numbers.items()}
     rest: list[bytes] = []
+    pos, end, count = 0, len(data), 0
     try:
-        arrays = _read(data, 0, len(data), cls, max_elements, rest, "")
+        while pos < end:
+            count += 1
+            if count > MAX_FIELDS:
+                raise DecodeError(f"more than {MAX_FIELDS} fields")
+            start = pos
+            tag = data[pos]
+            pos += 1
+            if tag >= 128:
+                tag, pos = _read_varint(data, pos - 1, end)
+            field = fields.get(tag >> 3) if tag & 7 == 2 else None
+            if field is None:
+                pos = _skip(data, tag, pos, end)
+                rest.append(data[start:pos])
+                continue
+            length, pos = _read_varint(data, pos, end)
+            stop = pos + length
+            if stop > end:
+                raise DecodeError("truncated map entry")
+            # the usual entry starts with its key (field 1), a short name: look for a header seen before
+            named = data[pos + 2:pos + 2 + data[pos + 1]] if length > 2 and data[pos] == 0x0A and data[pos + 1] < 128 \
+                else None
+            layout = _LAYOUTS.get((tag, length, named))
+            if layout is not None and data.startswith(layout[0], pos):  # only the data differs
+                head, name, code, shape, nbytes = layout
+                arrays[field][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements, field, name)
+                pos = stop
+                continue
+            start = pos
+            name, tensor = "", None
+            while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
+                key = data[pos]
+                if key == 0x0A or key == 0x12:
+                    n = data[pos + 1]
+                    pos += 2
+                    if n >= 128:
+                        n, pos = _read_varint(data, pos - 1, stop)
+                    if key == 0x0A:
+                        name = data[pos:pos + n].decode()
+                    else:
+                        tensor = (pos, pos + n)
+                    pos += n
+                else:
+                    key, pos = _read_varint(data, pos, stop)
+                    pos = _skip(data, key, pos, stop)
+            if pos > stop:
+                raise DecodeError("truncated map entry")
+            t0, t1 = tensor if tensor is not None else (stop, stop)
+            code, shape, offset, nbytes = _read_tensor(data, t0, t1)
+            arrays[field][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
+            if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
+                if len(_LAYOUTS) >= _CACHED:
+                    _LAYOUTS.clear()
+                _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
         message = cls.FromString(b"".join(rest))
     except IndexError:
         raise _not_a(cls, data, DecodeError("truncated field")) from None
     except (DecodeError, UnicodeDecodeError) as e:
         raise _not_a(cls, data, e) from None
     return message, arrays
-
-
-def _read(data: bytes, pos: int, end: int, cls: type[Message], max_elements: int | None, rest: list[bytes],
-          path: str) -> dict[str, Any]:
-    """The tensor maps of the ``cls`` message in ``data[pos:end]``, with the bytes of its other
-    fields appended to ``rest``; ``path`` ("sync.") prefixes the field names errors give."""
-    numbers, nested = _tensor_maps(cls), _nested(cls)
-    arrays: dict[str, Any] = {field: {} for field in numbers}
-    fields: dict[int, str] = {number: field for field, number in numbers.items()}
-    subs: dict[int, str] = {number: field for field, (number, _) in nested.items()}
-    while pos < end:
-        start = pos
-        tag = data[pos]
-        pos += 1
-        if tag >= 128:
-            tag, pos = _read_varint(data, pos - 1, end)
-        field = fields.get(tag >> 3) if tag & 7 == 2 else None
-        if field is None:
-            sub = subs.get(tag >> 3) if tag & 7 == 2 else None
-            if sub is None:
-                pos = _skip(data, tag & 7, pos, end)
-                rest.append(data[start:pos])
-                continue
-            # a message field with tensor maps inside: take them out, keep the rest of it in place
-            tag_end = pos
-            length, pos = _read_varint(data, pos, end)
-            if pos + length > end:
-                raise DecodeError("truncated field")
-            inner: list[bytes] = []
-            _merge(arrays.setdefault(sub, {}),
-                   _read(data, pos, pos + length, nested[sub][1], max_elements, inner, f"{path}{sub}."))
-            body = b"".join(inner)
-            rest.append(data[start:tag_end] + _varint(len(body)) + body)
-            pos += length
-            continue
-        field = path + field
-        length, pos = _read_varint(data, pos, end)
-        stop = pos + length
-        if stop > end:
-            raise DecodeError("truncated map entry")
-        # the usual entry starts with its key (field 1), a short name: look for a header seen before
-        named = data[pos + 2:pos + 2 + data[pos + 1]] if length > 2 and data[pos] == 0x0A and data[pos + 1] < 128 \
-            else None
-        layout = _LAYOUTS.get((tag, length, named))
-        if layout is not None and data.startswith(layout[0], pos):  # only the data differs
-            head, name, code, shape, nbytes = layout
-            arrays[fields[tag >> 3]][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements,
-                                                    field, name)
-            pos = stop
-            continue
-        start = pos
-        name, tensor = "", None
-        while pos < stop:  # the entry: key = 1 (string), value = 2 (Tensor)
-            key = data[pos]
-            if key == 0x0A or key == 0x12:
-                n = data[pos + 1]
-                pos += 2
-                if n >= 128:
-                    n, pos = _read_varint(data, pos - 1, stop)
-                if key == 0x0A:
-                    name = data[pos:pos + n].decode()
-                else:
-                    tensor = (pos, pos + n)
-                pos += n
-            else:
-                key, pos = _read_varint(data, pos, stop)
-                pos = _skip(data, key & 7, pos, stop)
-        if pos > stop:
-            raise DecodeError("truncated map entry")
-        t0, t1 = tensor if tensor is not None else (stop, stop)
-        code, shape, offset, nbytes = _read_tensor(data, t0, t1)
-        arrays[fields[tag >> 3]][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
-        if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
-            if len(_LAYOUTS) >= _CACHED:
-                _LAYOUTS.clear()
-            _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
-    for sub, (_, sub_cls) in nested.items():  # every map reads as a dict, present or not
-        arrays.setdefault(sub, _read(b"", 0, 0, sub_cls, None, [], ""))
-    return arrays
-
-
-def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
-    """A message field that comes twice merges (protobuf): its maps are one map."""
-    for key, value in new.items():
-        if isinstance(value, dict):
-            _merge(into.setdefault(key, {}), value)
-        else:
-            into[key] = value
 
 
 def _not_a(cls: type[Message], data: bytes, error: Exception) -> CodecError:

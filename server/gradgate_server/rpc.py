@@ -34,13 +34,12 @@ SERVICE = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"]
 
 
 class Call:
-    """One decoded request: ``msg`` without its tensor maps, ``arrays[field][name]`` for those
-    (``arrays[field][its field][name]`` for maps inside a message field), and the grpc
-    ``context``. ``reply`` encodes the answer and checks it fits."""
+    """One decoded request: ``msg`` without its tensor maps, ``arrays[field][name]`` for those,
+    and the grpc ``context``. ``reply`` encodes the answer and checks it fits."""
 
     __slots__ = ("msg", "arrays", "context", "max_message_bytes", "session_id", "_watch")
 
-    def __init__(self, msg: Any, arrays: dict[str, Any], context: grpc.ServicerContext,
+    def __init__(self, msg: Any, arrays: dict[str, dict[str, np.ndarray]], context: grpc.ServicerContext,
                  max_message_bytes: int):
         self.msg, self.arrays, self.context, self.max_message_bytes = msg, arrays, context, max_message_bytes
         self.session_id: str = getattr(msg, "session_id", "")  # for the access log; CreateSession sets it

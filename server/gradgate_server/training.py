@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from gradgate import optim, schedule
+from gradgate.codec import from_tensor_map
 from gradgate.v1 import train_pb2
 
 from .config import Config
@@ -102,7 +103,7 @@ class Training:
         start = first.msg.start
         with self.store.use(start.session_id) as session:
             session.require_idle("cannot start another Train")
-            steps, optimizer = self._plan(session, start, first.arrays["start"]["optimizer_state"]["slots"])
+            steps, optimizer = self._plan(session, start)
             self.store.commit(session, extra_bytes=optimizer.state_bytes(session.params))
             session.training = True
         step, losses, first_step, flushed = start.start_step, [], start.start_step, time.monotonic()
@@ -136,10 +137,8 @@ class Training:
             except Exception:  # the session may be gone; nothing to release then
                 pass
 
-    def _plan(self, session: Session, start: train_pb2.TrainStart,
-              slots: dict[str, np.ndarray]) -> tuple[Iterator, optim.SGD | optim.Adam]:
-        """Validate a TrainStart (``slots``: its optimizer state's arrays): the schedule's row
-        indices from start_step on, and the optimizer."""
+    def _plan(self, session: Session, start: train_pb2.TrainStart) -> tuple[Iterator, optim.SGD | optim.Adam]:
+        """Validate a TrainStart: the schedule's row indices from start_step on, and the optimizer."""
         if not session.data:
             raise InvalidArgument("the session has no dataset: call UploadData before Train", "session_id")
         n = len(next(iter(session.data.values())))
@@ -166,6 +165,7 @@ class Training:
             raise InvalidArgument(f"start_step {start.start_step} is past the schedule's {total} steps", "start_step")
         if start.HasField("optimizer_state"):
             state = start.optimizer_state
+            slots = from_tensor_map(state.slots, "optimizer_state.slots", self.config.max_tensor_elements)
             params = session.params
             for key, a in slots.items():
                 name = key.partition("/")[2]
