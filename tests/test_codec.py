@@ -186,6 +186,12 @@ def test_entries_protobuf_rejects_are_rejected() -> None:
             pb.ForwardRequest.FromString(body)
         with pytest.raises(codec.CodecError, match="is not a valid gradgate.v1.ForwardRequest"):
             codec.decode(body, pb.ForwardRequest)
+    # and an entry with its value twice, which protobuf merges (shape [1] + [1]), is refused, not half read
+    twice = b"\x0a\x01W\x12" + codec._varint(len(value)) + value + b"\x12\x04\x12\x02\x01\x01"
+    body = codec._varint(4 << 3 | 2) + codec._varint(len(twice)) + twice
+    assert list(pb.ForwardRequest.FromString(body).params["W"].shape) == [1, 1, 1]
+    with pytest.raises(codec.CodecError, match="a map entry with two values"):
+        codec.decode(body, pb.ForwardRequest)
 
 
 @settings(max_examples=300)

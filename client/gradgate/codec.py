@@ -457,8 +457,10 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
                         n, pos = _read_varint(data, pos - 1, stop)
                     if key == 0x0A:
                         name = data[pos:pos + n].decode()
-                    else:
+                    elif tensor is None:
                         tensor = (pos, pos + n)
+                    else:  # protobuf would merge the two Tensors; no encoder writes that
+                        raise DecodeError("a map entry with two values")
                     pos += n
                 else:
                     key, pos = _read_varint(data, pos, stop)
