@@ -231,8 +231,9 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
                             max(6, steps // 2), rounds=2 if quick else 5)
             # a whole Train stream against as many local steps, alternating, so all see the same machine
             total_steps = epochs * (len(data["y"]) // n)
-            runs = {"on_server": on_server, "in_process_run": in_process, "torch": torch_step}
-            runs = {k: fn if k == "on_server" else _repeat(fn, total_steps) for k, fn in runs.items() if fn}
+            runs = {"on_server": on_server, "in_process_run": _repeat(in_process, total_steps)}
+            if torch_step:
+                runs["torch"] = _repeat(torch_step, total_steps)
             rounds = 2 if quick else 5
             t.update({k: v / total_steps for k, v in interleaved(runs, rounds, rounds, warmup=1).items()})
         rows.append(Row(f"T7 batch {n}", f"step on the server {ms(t['on_server'])}",

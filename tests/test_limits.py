@@ -499,7 +499,8 @@ def test_padding_bypass_is_refused_before_allocating() -> None:
             ok = pb.ForwardBackwardRequest(session_id=sid)
             codec.to_tensor_map({"x": np.full((1, 1, 1, 1), 3, np.float32)}, ok.inputs)
             reply = stub.ForwardBackward(ok, timeout=30)
-            assert reply.loss == 6 and codec.from_tensor_map(reply.param_grads, "param_grads")["w"].ravel().tolist() == [3]
+            assert reply.loss == 6
+            assert codec.from_tensor_map(reply.param_grads, "param_grads")["w"].ravel().tolist() == [3]
             before = memory_of(server.proc.pid, "VmHWM")
             # at batch 5 the padded input is 80M elements: refused before np.pad
             request = pb.ForwardBackwardRequest(session_id=sid)

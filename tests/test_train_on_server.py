@@ -220,7 +220,6 @@ def test_an_upload_over_the_data_budget_is_refused_before_allocating() -> None:
         assert server.store.state_bytes == before + 2400
 
 
-
 def test_uploads_in_flight_count_against_the_budget() -> None:
     # 24 bytes a row: two uploads of 30,000 rows fit one at a time in 1 MB, not both at once
     g = mlp()
@@ -249,7 +248,6 @@ def test_uploads_in_flight_count_against_the_budget() -> None:
         with pytest.raises(gg.GradgateError):  # still refused: the first dataset is held now
             b.upload({"x": np.zeros((rows, 2)), "y": np.zeros(rows, np.int64)})
         assert server.store.reserved_bytes == 0
-
 
 
 def test_quiet_streams_end_instead_of_holding_rpc_threads() -> None:

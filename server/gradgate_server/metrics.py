@@ -85,7 +85,8 @@ class Metrics:
         self.cache_budget = Gauge("gradgate_cache_budget_bytes", "The cache budget (--cache-bytes).", registry=r)
         self.cache_budget.set(cache_budget_bytes)
         self.state_bytes = Gauge("gradgate_state_bytes", "Bytes of parameters, buffers, uploaded datasets, "
-                                 "training optimizer state and compiled graphs (estimated) held by all sessions.", registry=r)
+                                 "training optimizer state and compiled graphs (estimated) held by all sessions.",
+                                 registry=r)
         self.state_budget = Gauge("gradgate_state_budget_bytes", "The state budget (--state-bytes).", registry=r)
         self.op_seconds = Histogram("gradgate_op_compute_seconds",
                                     "Compute time of one node, by op type and pass (forward|backward).",
