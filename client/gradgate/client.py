@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from gradgate.call_stream import CallStream
 from gradgate.codec import decode, encode
 from gradgate.errors import from_rpc_error
 from gradgate.graph import Graph
@@ -67,7 +68,7 @@ class OpInfo:
 def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT,
             retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
             recover_sessions: bool = True, token: str | None = None,
-            tls: TLS | bool | None = None) -> Client:
+            tls: TLS | bool | None = None, call_streams: bool = True) -> Client:
     """Connect to a server, to several replicas, or start an embedded server on a free local port.
 
     ``address``: ``"host:port"`` (one server, or a proxy such as nginx in front of replicas);
@@ -80,7 +81,9 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
     ``recover_sessions``: re-create a session the server no longer knows (restarted, expired,
     another replica) from the parameters last sent, instead of raising NOT_FOUND. ``token``: a
     bearer token sent with every call; ``tls``: ``gg.TLS(ca, cert, key)``, or True for the
-    system's root certificates (gradgate.security).
+    system's root certificates (gradgate.security). ``call_streams``: send each session's
+    forward_backward calls over one stream, a quarter of a millisecond faster per call
+    (gradgate.call_stream); False sends every call unary.
     """
     server = None
     if address is None:
@@ -89,7 +92,8 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
         server = serve("127.0.0.1:0", Config(max_message_bytes=max_message_bytes))
         address = server.address
     return Client(address, timeout=timeout, retry_seconds=retry_seconds, max_message_bytes=max_message_bytes,
-                  server=server, recover_sessions=recover_sessions, token=token, tls=tls)
+                  server=server, recover_sessions=recover_sessions, token=token, tls=tls,
+                  call_streams=call_streams)
 
 
 def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
@@ -159,13 +163,14 @@ class Client:
     def __init__(self, address: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
                  retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  server: Any = None, recover_sessions: bool = True, token: str | None = None,
-                 tls: TLS | bool | None = None):
+                 tls: TLS | bool | None = None, call_streams: bool = True):
         tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
         if timeout <= 0 or retry_seconds < 0:
             raise ValueError(f"timeout must be > 0 and retry_seconds >= 0, got {timeout} and {retry_seconds}")
         target, self.balanced = channel_target(address)
         self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout, self.retry_seconds, self.recover_sessions = timeout, retry_seconds, recover_sessions
+        self.call_streams = call_streams
         self._server = server  # an embedded server, stopped with the client
         if self.balanced:
             os.environ[RING_HASH_FLAG] = "true"  # before the channel parses its service config
@@ -186,17 +191,20 @@ class Client:
                        for name, (path, _) in _METHODS.items()}
 
     def call(self, method: str, request: Message, session_key: str = "", wait_for_ready: bool | None = None,
-             **arrays: Mapping[str, Any] | None) -> Reply:
+             stream: CallStream | None = None, **arrays: Mapping[str, Any] | None) -> Reply:
         """Run one unary RPC by name: ``request`` with its tensor maps given as ``arrays``
         (``inputs={"x": x}``); returns the response without its tensor maps, and those
         maps as read-only arrays. ``session_key`` goes into the ``x-session-id`` header that
-        routes the call to its session's replica."""
-        try:
-            data = self._unary[method](encode(request, **arrays), timeout=self.timeout,
-                                       metadata=_routing(session_key), wait_for_ready=wait_for_ready)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return decode(data, _METHODS[method][1])
+        routes the call to its session's replica. ``stream``: send it there if it can carry it."""
+        data = encode(request, **arrays)
+        answer = stream.call(data) if stream is not None else None
+        if answer is None:
+            try:
+                answer = self._unary[method](data, timeout=self.timeout, metadata=_routing(session_key),
+                                             wait_for_ready=wait_for_ready)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from None
+        return decode(answer, _METHODS[method][1])
 
     def stream(self, method: str, session_key: str = "", timeout: float | None = None) -> Any:
         """The raw multi-callable of a streaming RPC (requests and responses as bytes), and its metadata."""

@@ -212,7 +212,7 @@ def _nested(cls: type[Message]) -> dict[str, tuple[int, type[Message]]]:
 
 
 _HEADERS: dict[tuple[bytes, str, int, tuple[int, ...], int], bytes] = {}  # see _header
-_LAYOUTS: dict[tuple[int, int, bytes | None], tuple[bytes, str, int, tuple[int, ...], int]] = {}  # see decode
+_LAYOUTS: dict[tuple[int, int, bytes | None], tuple[bytes, str, np.dtype, tuple[int, ...], int]] = {}  # see decode
 _CACHED = 4096  # entries per cache; a training loop sends the same few names and shapes every step
 ALIGN = 16  # tensor data starts at a multiple of this in the message; received bytes objects are 16-aligned
 
@@ -433,7 +433,10 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
                 pos = _skip(data, tag, pos, end)
                 rest.append(data[start:pos])
                 continue
-            length, pos = _read_varint(data, pos, end)
+            length = data[pos]
+            pos += 1
+            if length >= 128:
+                length, pos = _read_varint(data, pos - 1, end)
             stop = pos + length
             if stop > end:
                 raise DecodeError("truncated map entry")
@@ -442,8 +445,11 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
                 else None
             layout = _LAYOUTS.get((tag, length, named))
             if layout is not None and data.startswith(layout[0], pos):  # only the data differs
-                head, name, code, shape, nbytes = layout
-                arrays[field][name] = _array(code, shape, data, pos + len(head), nbytes, max_elements, field, name)
+                head, name, dtype, shape, size = layout  # checked when it was cached: only the limit is left
+                if max_elements is not None and size > max_elements:
+                    raise TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; "
+                                                           f"the limit is {max_elements}")
+                arrays[field][name] = np.frombuffer(data, dtype, size, pos + len(head)).reshape(shape)
                 pos = stop
                 continue
             start = pos
@@ -470,10 +476,11 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
             t0, t1 = tensor if tensor is not None else (stop, stop)
             code, shape, offset, nbytes = _read_tensor(data, t0, t1)
             arrays[field][name] = _array(code, shape, data, offset, nbytes, max_elements, field, name)
-            if offset + nbytes == stop == t1:  # the usual layout, data last: remember its header
+            if offset + nbytes == stop == t1 and nbytes:  # the usual layout, data last: remember its header
                 if len(_LAYOUTS) >= _CACHED:
                     _LAYOUTS.clear()
-                _LAYOUTS[tag, length, named] = (data[start:offset], name, code, shape, nbytes)
+                _LAYOUTS[tag, length, named] = (data[start:offset], name, DTYPES[code], shape,  # type: ignore[index]
+                                                 math.prod(shape))
         message = cls.FromString(b"".join(rest))
     except IndexError:
         raise _not_a(cls, data, DecodeError("truncated field")) from None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from gradgate.call_stream import CallStream
 from gradgate.codec import decode, dtype_of, encode, from_tensor_map, to_tensor_map
 from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.gradcheck import GradCheckReport, check_session
@@ -72,6 +73,9 @@ class Session:
         self._last_forward: tuple[str, Any, dict[str, Any]] | None = None
         self._forward_id = 0
         self._thread = threading.local()
+        # forward_backward's calls over one stream, when the client allows it (gradgate.call_stream)
+        self._streams = {"ForwardBackward": CallStream(client, "ForwardBackwardStream", self.key)} \
+            if client.call_streams else {}
         response = self._create()
         self.parameter_count: int = response.parameter_count
         self.ttl_seconds: float = response.ttl_seconds
@@ -95,8 +99,9 @@ class Session:
 
     def _call(self, method: str, request: Any, **arrays: Any) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
         """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
+        stream = self._streams.get(method)
         try:
-            return self.client.call(method, request, self.key, **arrays)
+            return self.client.call(method, request, self.key, stream=stream, **arrays)
         except GradgateError as e:
             if e.code != grpc.StatusCode.NOT_FOUND or self._closed or not self.client.recover_sessions:
                 raise
@@ -110,7 +115,7 @@ class Session:
         log.warning("session %s... was not found on the server (restarted, expired or another replica); "
                     "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
         request.session_id = self.id
-        return self.client.call(method, request, self.key, **arrays)
+        return self.client.call(method, request, self.key, stream=stream, **arrays)
 
     def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any, dict[str, Any]] | None,
               forward_id: int = 0, buffers: dict[str, np.ndarray] | None = None) -> None:
@@ -260,6 +265,8 @@ class Session:
         expired, is harmless, so leaving a ``with`` block never hides the original error."""
         if not self._closed:
             self._closed = True
+            for stream in self._streams.values():
+                stream.close()
             try:
                 self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
             except GradgateError as e:

@@ -27,7 +27,7 @@ from .config import Config
 from .health import HealthServicer
 from .logs import configure_logging
 from .metrics import Metrics
-from .rpc import Observed, gradient_service_handlers
+from .rpc import CallStreams, Observed, gradient_service_handlers
 from .service import GradientService
 from .sessions import SessionStore
 
@@ -49,7 +49,7 @@ class Server:
 
     def __init__(self, server: grpc.Server, address: str, store: SessionStore, config: Config,
                  health_servicer: HealthServicer, metrics: Metrics, metrics_address: str | None = None,
-                 health_pool: futures.ThreadPoolExecutor | None = None):
+                 health_pool: futures.ThreadPoolExecutor | None = None, call_streams: CallStreams | None = None):
         self._server = server
         self.address = address
         self.store = store
@@ -58,6 +58,7 @@ class Server:
         self.metrics = metrics
         self.metrics_address = metrics_address
         self._health_pool = health_pool
+        self._call_streams = call_streams
         self._stopped = threading.Event()
         # Expire idle sessions even when no call arrives, so memory and metrics stay true.
         threading.Thread(target=self._sweep, name="gradgate-sweeper", daemon=True).start()
@@ -70,6 +71,8 @@ class Server:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish for ``grace``
         seconds (then cancel them), and close the metrics endpoint."""
         self.health.enter_graceful_shutdown()
+        if self._call_streams is not None:
+            self._call_streams.stop()
         self._server.stop(grace).wait()
         self._stopped.set()
         self.metrics.stop_http()
@@ -119,9 +122,10 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
+    call_streams = CallStreams(config.max_call_streams, config.stream_idle_seconds)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
                                          config.max_message_bytes, config.max_tensor_elements, authenticator,
-                                         config.stream_idle_seconds)
+                                         config.stream_idle_seconds, call_streams)
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     # Health answers from threads of its own, so it never waits behind compute.
@@ -142,7 +146,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     if config.metrics_port >= 0:
         metrics_address = f"{host}:{metrics.serve_http(host, config.metrics_port)}"
     server.start()
-    return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address, health_pool)
+    return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address, health_pool,
+                  call_streams)
 
 
 def limit_blas(threads: int, max_workers: int) -> int:

@@ -25,8 +25,13 @@ class Config:
     session_bytes: int = field(default=1024 * MiB, metadata={
         "help": "the same, per session"})
     stream_idle_seconds: float = field(default=60.0, metadata={
-        "help": "a stream (UploadData, the start of Train) waits this long at most for the client's next "
-                "message, then ends with DEADLINE_EXCEEDED, so a quiet client does not hold an RPC thread"})
+        "help": "a stream (UploadData, the start of Train, ForwardBackwardStream) waits this long at most for the "
+                "client's next message, then ends (DEADLINE_EXCEEDED; CANCELLED for ForwardBackwardStream), so a "
+                "quiet client does not hold an RPC thread"})
+    max_call_streams: int = field(default=4, metadata={
+        "help": "ForwardBackwardStream streams open at once (the SDK's fast road for forward_backward; more "
+                "clients fall back to unary calls); each holds an RPC thread while open, so keep it below "
+                "--max-workers; 0 = none"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = field(default=64 * MiB, metadata={
         "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})

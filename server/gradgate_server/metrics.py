@@ -148,16 +148,28 @@ class Metrics:
 
     def check_finite(self, kind: str, values: Iterable[Any]) -> None:
         """Count NaN/Inf among ``values`` (floats or arrays); ``kind`` is loss | gradient."""
-        bad = 0
+        bad, small = 0, []
         with np.errstate(all="ignore"):  # huge finite values: counted below, not warned about
             for v in values:
                 if isinstance(v, float):
                     bad += not math.isfinite(v)
-                elif v.dtype.kind == "f" and v.size and not math.isfinite(np.dot(r := v.reshape(-1), r)):
-                    # one BLAS pass, faster than a sum: NaN/Inf if any element is (or on overflow: the count finds 0)
-                    bad += v.size - int(np.count_nonzero(np.isfinite(v)))
+                elif v.dtype.kind == "f" and v.size:
+                    if v.size <= _SMALL:  # checked together below: one numpy call instead of one each
+                        small.append(v.reshape(-1))
+                    elif not math.isfinite(np.dot(r := v.reshape(-1), r)):
+                        # one BLAS pass, faster than a sum: NaN/Inf if any element is (or on overflow: the count finds 0)
+                        bad += v.size - int(np.count_nonzero(np.isfinite(v)))
+            if small:
+                together = np.concatenate(small) if len(small) > 1 else small[0]
+                if not math.isfinite(np.dot(together, together)):
+                    bad += together.size - int(np.count_nonzero(np.isfinite(together)))
         if bad:
             self.nonfinite.labels(kind).inc(bad)
+
+    def check_loss(self, loss: float) -> None:
+        """check_finite for one loss: the per-call case, without numpy."""
+        if not math.isfinite(loss):
+            self.nonfinite.labels("loss").inc()
 
     # -- the metrics endpoint ------------------------------------------------------
 
@@ -196,6 +208,9 @@ class Metrics:
         kind = {(False, False): "unary", (False, True): "server_stream", (True, False): "client_stream",
                 (True, True): "bidi_stream"}[handler.request_streaming, handler.response_streaming]
         return _observed(self.method(full_method, kind), handler, pool)
+
+
+_SMALL = 4096  # elements: arrays up to this size are checked for NaN/Inf in one concatenation
 
 
 class _QuietHandler(WSGIRequestHandler):

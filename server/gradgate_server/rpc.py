@@ -24,6 +24,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from gradgate.codec import decode, encode
+from gradgate.watchdog import Watchdog
 from gradgate.v1 import gradient_service_pb2
 
 from .engine import DeadlineExceeded, ResourceExhausted, Watch
@@ -66,22 +67,28 @@ class Call:
 
 def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int, max_elements: int,
                               authenticate: Callable[[grpc.ServicerContext], None] | None = None,
-                              idle_seconds: float = 60.0) -> dict[str, grpc.RpcMethodHandler]:
+                              idle_seconds: float = 60.0, call_streams: CallStreams | None = None
+                              ) -> dict[str, grpc.RpcMethodHandler]:
     """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
     ``authenticate`` (auth.py) vets each call before its request is even decoded; a stream
-    waits at most ``idle_seconds`` for each message its handler asks for (Requests)."""
+    waits at most ``idle_seconds`` for each message its handler asks for (Requests);
+    ``call_streams`` bounds the streams of unary calls (ForwardBackwardStream)."""
     handlers = {}
+    call_streams = call_streams or CallStreams(4, idle_seconds)
     for method in SERVICE.methods:
         request_type = message_factory.GetMessageClass(method.input_type)
         full_name = f"/{SERVICE.full_name}/{method.name}"
-        inner = getattr(servicer, method.name)
+        unary = method.name.removesuffix("Stream")  # ForwardBackwardStream: ForwardBackward's calls, one by one
+        inner = getattr(servicer, unary if unary in SERVICE.methods_by_name else method.name)
 
         def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type) -> Call:
             if authenticate is not None:
                 authenticate(context)
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
-        if method.client_streaming:
+        if unary != method.name and unary in SERVICE.methods_by_name:
+            handler = _call_stream(metrics.method(full_name, "bidi_stream"), inner, decoded, call_streams)
+        elif method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
             handler = make(metrics.method(full_name, kind), inner, decoded, idle_seconds)
@@ -109,6 +116,76 @@ def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) ->
         record.end()
         return response
     return grpc.unary_unary_rpc_method_handler(behavior)
+
+
+class CallStreams:
+    """The slots of streams of unary calls (``<Method>Stream``), and their idle limit.
+    Each open stream holds an RPC thread, between its calls too, so their number is
+    bounded; the stream waits for its next request without a reader thread of its own
+    (a cost on every call), and a watchdog ends one left idle for ``idle_seconds``."""
+
+    def __init__(self, slots: int, idle_seconds: float):
+        self.slots, self.idle_seconds = threading.BoundedSemaphore(max(slots, 1)), idle_seconds
+        self.open = slots > 0
+        self.stopping = False
+        # at exit too: the interpreter waits for every RPC thread, and a client that never closed
+        # its stream (the SDK with an embedded server, say) would hold one until the idle limit
+        self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle", at_exit=True)
+
+    def stop(self) -> None:
+        """The server is stopping: end every stream once its call in progress (if any) is
+        answered, rather than hold the shutdown's grace period; refuse new ones."""
+        self.stopping, self.open = True, False
+        self.watchdog.expire_all()
+
+
+def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable, streams: CallStreams
+                 ) -> grpc.RpcMethodHandler:
+    """Calls of the unary ``inner``, one per request of a bidi stream, each answered in order
+    as the unary call answers it; a call's error ends the stream with its status."""
+    def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        record = RpcRecord(record_of, context, None)
+        if not (streams.open and streams.slots.acquire(blocking=False)):
+            details = ("every stream slot of this server is taken (--max-call-streams); "
+                       "send the calls as unary calls")
+            record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            context.set_trailing_metadata(((STREAMS_FULL, "full"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        try:
+            while True:
+                streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
+                if streams.stopping:  # stop() expired the waits armed before it: this one too
+                    streams.watchdog.disarm(context)
+                    break
+                try:
+                    data = next(datas, None)
+                finally:
+                    streams.watchdog.disarm(context)
+                if data is None:
+                    break
+                record.received(len(data))
+                call = decoded(data, context)
+                record.session = call.session_id
+                response = inner(call)
+                record.sent(len(response))
+                yield response
+        except GeneratorExit:  # grpc dropped the stream (the client went away)
+            record.end()
+            raise
+        except grpc.RpcError:  # cancelled while waiting: by the client, or idle for too long
+            record.end(None, f"no request for {streams.idle_seconds:g} s (--stream-idle-seconds), or cancelled")
+        except Exception as e:
+            status = status_of(e, record_of.full_method)
+            record.end(status.code, status.details)
+            context.abort_with_status(status)
+        else:
+            record.end()
+        finally:
+            streams.slots.release()
+    return grpc.stream_stream_rpc_method_handler(behavior)
+
+
+STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream refused for want of a slot
 
 
 class Requests:

@@ -79,7 +79,7 @@ class GradientService:
 
     def _ran(self, tape: Tape) -> None:
         self.metrics.examples_processed(tape.batch_size)
-        self.metrics.check_finite("loss", (tape.loss,))
+        self.metrics.check_loss(tape.loss)
 
     # -- RPCs ----------------------------------------------------------------
 

@@ -190,7 +190,7 @@ class Training:
                 params = optimizer.step(session.params, grads)
             self.store.commit(session, params=params, buffers=tape.updates, tape=None)
         self.metrics.examples_processed(tape.batch_size)
-        self.metrics.check_finite("loss", (tape.loss,))
+        self.metrics.check_loss(tape.loss)
         return tape.loss
 
     def _sync(self, first: Call, session_id: str, step: int, optimizer: optim.SGD | optim.Adam,

@@ -58,6 +58,11 @@ class GradientServiceStub:
                 request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
                 response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardBackwardStream = channel.stream_stream(
+                '/gradgate.v1.GradientService/ForwardBackwardStream',
+                request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
+                response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
+                _registered_method=True)
         self.SetParameters = channel.unary_unary(
                 '/gradgate.v1.GradientService/SetParameters',
                 request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.SetParametersRequest.SerializeToString,
@@ -124,6 +129,19 @@ class GradientServiceServicer:
 
     def ForwardBackward(self, request, context):
         """Forward then backward in one round trip (the training-loop call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardBackwardStream(self, request_iterator, context):
+        """ForwardBackward calls, many over one stream: each request is answered in
+        order, exactly as the unary call answers it, without gRPC's per-call setup
+        (about a third of a small call). An error ends the stream with that call's
+        status. A server with all its stream slots taken refuses the stream with
+        RESOURCE_EXHAUSTED and trailing metadata `gradgate-streams: full` (then use
+        the unary call); one that waits longer than its idle limit for the next
+        request ends the stream with CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +218,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
             ),
             'ForwardBackward': grpc.unary_unary_rpc_method_handler(
                     servicer.ForwardBackward,
+                    request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.FromString,
+                    response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.SerializeToString,
+            ),
+            'ForwardBackwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardBackwardStream,
                     request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.FromString,
                     response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.SerializeToString,
             ),
@@ -348,6 +371,33 @@ class GradientService:
             request,
             target,
             '/gradgate.v1.GradientService/ForwardBackward',
+            gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
+            gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBackwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradgate.v1.GradientService/ForwardBackwardStream',
             gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
             gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
             options,

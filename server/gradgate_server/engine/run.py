@@ -12,6 +12,7 @@ dict and never written: a train-mode forward returns their new values in
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -147,12 +148,18 @@ class Watch:
     ``alive()`` says its caller is gone (asked at most every ``every`` seconds: a call that
     takes microseconds never asks). ``check`` raises DeadlineExceeded naming the node."""
 
-    __slots__ = ("deadline", "alive", "every", "_next")
+    __slots__ = ("deadline", "alive", "every", "_next", "due")
 
     def __init__(self, deadline: float | None = None, alive: Callable[[], bool] | None = None,
                  every: float = 0.005):
         self.deadline, self.alive, self.every = deadline, alive, every
         self._next = time.monotonic() + every
+        self._set_due()
+
+    def _set_due(self) -> None:
+        # the first time check() has anything to do: passes compare the clock with it, a call costs more
+        self.due = min(math.inf if self.deadline is None else self.deadline,
+                       math.inf if self.alive is None else self._next)
 
     @classmethod
     def of(cls, deadline: Watch | float | None) -> Watch | None:
@@ -164,6 +171,7 @@ class Watch:
             raise DeadlineExceeded(f"deadline passed before node {node!r}", node)
         if self.alive is not None and now > self._next:
             self._next = now + self.every
+            self._set_due()
             if not self.alive():
                 raise DeadlineExceeded(f"the call ended (cancelled, past its deadline or cut off by shutdown) "
                                        f"before node {node!r}", node)
@@ -200,11 +208,13 @@ def run_steps(plan: Plan, values: list, steps: Iterable[Step], deadline: Watch |
     """Compute ``steps`` in order into ``values``; return their residuals."""
     state = state or State(buffers=full_buffers(plan, None))
     watch = Watch.of(deadline)
+    due = math.inf if watch is None else watch.due
     residuals = []
     with np.errstate(all="ignore"):  # NaN/Inf are reported as values, not warnings
         for step in steps:
-            if watch is not None:
-                watch.check(step.name)
+            if time.monotonic() > due:
+                watch.check(step.name)  # type: ignore[union-attr]  # due is finite: there is a watch
+                due = watch.due  # type: ignore[union-attr]
             start = time.perf_counter() if on_step is not None else 0.0
             try:
                 args = [values[a] for a in step.args]
@@ -233,13 +243,15 @@ def backward(plan: Plan, tape: Tape, wrt: Iterable[int], deadline: Watch | float
     grads[plan.loss] = np.ones((), plan.dtype)
     values, residuals = tape.values, tape.residuals
     watch = Watch.of(deadline)
+    due = math.inf if watch is None else watch.due
     with np.errstate(all="ignore"):
         for i, step, pairs in plan.backward_steps(wrt):
             g = grads[step.out]
             if g is None:
                 continue
-            if watch is not None:
-                watch.check(step.name)
+            if time.monotonic() > due:
+                watch.check(step.name)  # type: ignore[union-attr]
+                due = watch.due  # type: ignore[union-attr]
             start = time.perf_counter() if on_step is not None else 0.0
             res = residuals[i]
             for arg, vjp in pairs:

@@ -1,0 +1,240 @@
+"""forward_backward over ForwardBackwardStream (gradgate.call_stream), against a real server
+on 127.0.0.1, read back from its /metrics."""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+import pytest
+from gradgate_server import Config, Server, serve
+
+import gradgate as gg
+from gradgate import GradgateError
+
+from obs import GRADIENT_SERVICE, Scrape, wait_for
+
+STREAM = "ForwardBackwardStream"
+
+
+@contextmanager
+def served(**config: object) -> Iterator[Server]:
+    with serve("127.0.0.1:0", Config(metrics_port=0, **config)) as server:  # type: ignore[arg-type]
+        yield server
+
+
+def count(server: Server, name: str, method: str, **labels: str) -> float:
+    return Scrape.of(server.metrics_address).value(name, grpc_service=GRADIENT_SERVICE, grpc_method=method, **labels)
+
+
+def streamed_calls(server: Server) -> float:
+    return count(server, "grpc_server_msg_received_total", STREAM)
+
+
+def unary_calls(server: Server) -> float:
+    return count(server, "grpc_server_handled_total", "ForwardBackward")
+
+
+def ended(server: Server) -> float:
+    """Streams that ended, with any status."""
+    return count(server, "grpc_server_handled_total", STREAM)
+
+
+def lecture() -> gg.Graph:
+    """f = (x + y) * z, x a batch of scalars (summed), y and z parameters."""
+    g = gg.Graph("float64")
+    x = g.input("x", (None,))
+    y, z = g.param("y", ()), g.param("z", ())
+    g.set_loss(gg.sum((x + y) * z))
+    return g
+
+
+POINT = {"y": np.array(5.0), "z": np.array(-4.0)}
+
+
+def mlp() -> gg.Graph:
+    g = gg.Graph("float64")
+    x, y = g.input("x", (None, 6)), g.input("y", (None,), dtype="int64")
+    w1, w2 = g.param("W1", (6, 8)), g.param("W2", (8, 3))
+    g.set_loss(gg.softmax_cross_entropy(gg.relu(x @ w1) @ w2, y))
+    return g
+
+
+def batch(seed: int, n: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 6)), "y": rng.integers(0, 3, n)}
+
+
+def test_the_lecture_numbers_over_the_stream() -> None:
+    with served() as server, gg.connect(server.address) as client, client.session(lecture(), POINT) as sess:
+        for _ in range(3):
+            loss, grads = sess.forward_backward({"x": np.array([-2.0])})
+            assert loss == -12.0
+            assert {k: float(v) for k, v in grads.items()} == {"y": -4.0, "z": 3.0}
+        assert streamed_calls(server) == 3
+        assert unary_calls(server) == 0
+        assert count(server, "grpc_server_started_total", STREAM) == 1  # one stream carried all three
+
+
+def test_answers_equal_unary_calls_bit_for_bit() -> None:
+    g = mlp()
+    params = gg.init_params(g, seed=3)
+    with served() as server, gg.connect(server.address) as streaming, \
+            gg.connect(server.address, call_streams=False) as unary, \
+            streaming.session(g, params) as a, unary.session(g, params) as b:
+        pa = pb = params
+        for step in range(6):
+            la, ga = a.forward_backward(batch(step), params=pa)
+            lb, gb = b.forward_backward(batch(step), params=pb)
+            assert la == lb
+            assert ga.keys() == gb.keys() == {"W1", "W2"}
+            for k in ga:
+                np.testing.assert_array_equal(ga[k], gb[k])
+            pa = {k: pa[k] - 0.1 * ga[k] for k in pa}
+            pb = {k: pb[k] - 0.1 * gb[k] for k in pb}
+        for k in params:  # the server committed the same parameters on both roads
+            np.testing.assert_array_equal(a.get_params()[k], b.get_params()[k])
+        assert streamed_calls(server) == 6
+        assert unary_calls(server) == 6
+
+
+def test_an_error_is_raised_and_the_next_call_opens_a_new_stream() -> None:
+    with served() as server, gg.connect(server.address) as client, client.session(mlp()) as sess:
+        sess.forward_backward(batch(0))
+        with pytest.raises(GradgateError) as bad:
+            sess.forward_backward({"x": np.zeros((5, 7)), "y": np.zeros(5, np.int64)})
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad.value.violations and bad.value.violations[0][0] == "inputs['x']"
+        assert "must have shape" in bad.value.message
+        loss, _ = sess.forward_backward(batch(1))
+        assert np.isfinite(loss)
+        assert count(server, "grpc_server_handled_total", STREAM, grpc_code="InvalidArgument") == 1
+        assert count(server, "grpc_server_started_total", STREAM) == 2
+        assert unary_calls(server) == 0
+
+
+def test_a_server_without_free_slots_gets_unary_calls() -> None:
+    g = mlp()
+    with served(max_call_streams=1) as server, gg.connect(server.address) as client:
+        first, second = client.session(g, gg.init_params(g, seed=0)), client.session(g, gg.init_params(g, seed=0))
+        loss1, grads1 = first.forward_backward(batch(0))  # takes the only slot
+        for _ in range(3):
+            loss2, grads2 = second.forward_backward(batch(0))  # refused once, then unary without asking again
+            assert loss2 == loss1
+            np.testing.assert_array_equal(grads2["W1"], grads1["W1"])
+        assert count(server, "grpc_server_handled_total", STREAM, grpc_code="ResourceExhausted") == 1
+        assert unary_calls(server) == 3
+        first.close()  # frees the slot
+        wait_for(lambda: count(server, "grpc_server_handled_total", STREAM, grpc_code="OK") == 1, what="stream end")
+        third = client.session(g)
+        third.forward_backward(batch(0))
+        assert streamed_calls(server) == 2
+    with served(max_call_streams=0) as server, gg.connect(server.address) as client, client.session(g) as sess:
+        sess.forward_backward(batch(0))
+        sess.forward_backward(batch(1))
+        assert unary_calls(server) == 2 and streamed_calls(server) == 0
+
+
+def test_a_session_dropped_without_close_frees_its_stream() -> None:
+    g = mlp()
+    with served(max_call_streams=1) as server, gg.connect(server.address) as client:
+        dropped = client.session(g)
+        dropped.forward_backward(batch(0))
+        del dropped
+        gc.collect()
+        wait_for(lambda: ended(server) == 1, what="the dropped session's stream ended")
+        with client.session(g) as sess:
+            sess.forward_backward(batch(1))
+        assert streamed_calls(server) == 2 and unary_calls(server) == 0
+
+
+def test_the_server_ends_an_idle_stream_and_the_session_carries_on() -> None:
+    g = mlp()
+    with served(stream_idle_seconds=0.3) as server, gg.connect(server.address) as client, \
+            client.session(g, gg.init_params(g, seed=1)) as sess:
+        expected = sess.forward_backward(batch(0)).loss
+        wait_for(lambda: count(server, "grpc_server_handled_total", STREAM, grpc_code="Canceled") == 1,
+                 timeout=5, what="the idle stream ended")
+        assert sess.forward_backward(batch(0)).loss == expected  # the broken stream's call went unary
+        assert sess.forward_backward(batch(0)).loss == expected  # and the next opened a new stream
+        assert unary_calls(server) == 1 and streamed_calls(server) == 2
+
+
+def test_a_call_past_its_timeout_is_cancelled_on_the_server() -> None:
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 256)), g.param("W", (256, 256))
+    h = x
+    for _ in range(40):
+        h = gg.tanh(h @ w)
+    g.set_loss(gg.sum(h))
+    slow = {"x": np.random.default_rng(0).normal(size=(4096, 256))}  # seconds of compute
+    with served() as server, gg.connect(server.address, timeout=0.5) as client, client.session(g) as sess:
+        sess.forward_backward({"x": slow["x"][:2]})  # opens the stream
+        start = time.monotonic()
+        with pytest.raises(GradgateError) as late:
+            sess.forward_backward(slow)
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "within 0.5 s" in late.value.message
+        assert time.monotonic() - start < 1.5
+        # the server stops computing for it (and frees the session) instead of finishing
+        wait_for(lambda: count(server, "grpc_server_handled_total", STREAM, grpc_code="DeadlineExceeded")
+                 + count(server, "grpc_server_handled_total", STREAM, grpc_code="Canceled") == 1, timeout=5)
+        loss, _ = sess.forward_backward({"x": slow["x"][:2]})
+        assert np.isfinite(loss)
+
+
+def test_threads_sharing_a_session_all_get_their_answers() -> None:
+    g = mlp()
+    params = gg.init_params(g, seed=2)
+    with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
+        expected = {i: sess.forward_backward(batch(i), params=params).loss for i in range(4)}
+        got: dict[tuple[int, int], float] = {}
+
+        def work(t: int) -> None:
+            for i in range(15):
+                got[t, i] = sess.forward_backward(batch(i % 4), params=params).loss
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == {(t, i): expected[i % 4] for t in range(3) for i in range(15)}
+        assert streamed_calls(server) + unary_calls(server) == 4 + 45
+
+
+def test_a_stopping_server_ends_idle_streams_without_waiting_out_its_grace() -> None:
+    server = serve("127.0.0.1:0", Config(metrics_port=0))
+    with gg.connect(server.address, retry_seconds=0) as client:
+        sess = client.session(mlp())
+        sess.forward_backward(batch(0))  # the stream now waits for its next call
+        start = time.monotonic()
+        server.stop(10.0)
+        assert time.monotonic() - start < 2.0
+        with pytest.raises(GradgateError) as gone:
+            sess.forward_backward(batch(0))
+        assert gone.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_script_that_never_closes_its_client_still_exits() -> None:
+    script = textwrap.dedent("""
+        import numpy as np
+        import gradgate as gg
+        g = gg.Graph("float64")
+        x, w = g.input("x", (None, 2)), g.param("w", (2, 1))
+        g.set_loss(gg.sum(x @ w))
+        client = gg.connect()  # an embedded server, never closed: the interpreter must not wait for it
+        print(client.session(g).forward_backward({"x": np.ones((3, 2))}).loss)
+    """)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert np.isfinite(float(done.stdout))
+    assert time.monotonic() - start < 20  # not the 60 s of the server's idle limit
