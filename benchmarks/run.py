@@ -266,13 +266,16 @@ def reference_rows(batches: list[int], quick: bool) -> list[Row]:
     return rows
 
 
-def tiny_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
+def tiny_rows(client: gg.Client, unary_client: gg.Client, echo: Echo, quick: bool) -> list[Row]:
+    """T3, with the SDK's stream of calls (its default) and, for reference, with unary calls."""
     g, params, batch = lecture_net()
-    with client.session(g, params) as sess:
-        t = interleaved({"sdk": lambda: sess.forward_backward(batch), "empty": lambda: echo.empty(b"", timeout=10)},
-                        100 if quick else 2000)
-    return Row("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
-               t["sdk"] / t["empty"], "<= 1.3", t["sdk"] <= 1.3 * t["empty"])
+    with client.session(g, params) as sess, unary_client.session(g, params) as unary:
+        t = interleaved({"sdk": lambda: sess.forward_backward(batch), "unary": lambda: unary.forward_backward(batch),
+                         "empty": lambda: echo.empty(b"", timeout=10)}, 100 if quick else 2000)
+    return [Row("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
+                t["sdk"] / t["empty"], "<= 1.3", t["sdk"] <= 1.3 * t["empty"]),
+            Row("T3 with unary calls", f"forward_backward, call_streams=False {ms(t['unary'])}",
+                f"empty unary call {ms(t['empty'])}", t["unary"] / t["empty"], "", None)]
 
 
 def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
@@ -355,11 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = [1, 256] if args.quick else [1, 32, 256, 1024]
     rows: list[Row] = []
     with threadpoolctl.threadpool_limits(1, user_api="blas"), serve("127.0.0.1:0", Config()) as server, \
-            gg.connect(server.address, timeout=120) as client:
+            gg.connect(server.address, timeout=120) as client, \
+            gg.connect(server.address, timeout=120, call_streams=False) as unary_client:
         echo = Echo()
         try:
             rows += training_rows(client, echo, batches, args.quick)
-            rows.append(tiny_row(client, echo, args.quick))
+            rows += tiny_rows(client, unary_client, echo, args.quick)
             rows.append(big_tensor_row(client, echo, args.quick))
         finally:
             echo.close()

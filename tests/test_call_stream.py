@@ -238,3 +238,43 @@ def test_a_script_that_never_closes_its_client_still_exits() -> None:
     assert done.returncode == 0, done.stderr
     assert np.isfinite(float(done.stdout))
     assert time.monotonic() - start < 20  # not the 60 s of the server's idle limit
+
+
+def test_closing_a_session_while_another_thread_calls_it() -> None:
+    g = mlp()
+    with served() as server, gg.connect(server.address, timeout=5) as client:
+        for _ in range(5):
+            sess = client.session(g)
+            sess.forward_backward(batch(0))
+            errors: list[str] = []
+            stop = threading.Event()
+
+            def loop() -> None:
+                while not stop.is_set():
+                    try:
+                        sess.forward_backward(batch(1))
+                    except GradgateError as e:  # after the close: the session is gone
+                        errors.append(e.code.name)
+                        return
+
+            worker = threading.Thread(target=loop)
+            worker.start()
+            time.sleep(0.03)
+            sess.close()
+            stop.set()
+            worker.join(10)
+            assert not worker.is_alive()
+            assert set(errors) <= {"NOT_FOUND"}
+        with client.session(g) as sess:  # the client is still whole
+            assert np.isfinite(sess.forward_backward(batch(0)).loss)
+        wait_for(lambda: ended(server) == count(server, "grpc_server_started_total", STREAM), what="every stream ended")
+
+
+def test_stream_slots_leave_a_thread_for_unary_calls() -> None:
+    g = mlp()
+    with served(max_workers=2, max_call_streams=4) as server, gg.connect(server.address, timeout=5) as client:
+        sessions = [client.session(g) for _ in range(3)]
+        for sess in sessions:  # one stream; the others are refused and go unary
+            sess.forward_backward(batch(0))
+        assert streamed_calls(server) == 1 and unary_calls(server) == 2
+        assert client.list_ops()  # a unary call still finds a thread

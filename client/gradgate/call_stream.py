@@ -25,7 +25,7 @@ from gradgate.watchdog import Watchdog
 if TYPE_CHECKING:
     from gradgate.client import Client
 
-STREAMS_FULL = "gradgate-streams"  # the server's trailing metadata when it has no stream slot free
+STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot
 IDLE_SECONDS = 20.0  # a stream unused this long is closed, well before a server's idle limit (60 s) ends it
 REFUSED_SECONDS = 5.0  # after a refusal, calls go unary this long before a stream is tried again
 # the codes a server answers a call with (DESIGN.md, Errors); anything else ends the stream for
@@ -47,20 +47,31 @@ class CallStream:
         self._requests: queue.SimpleQueue | None = None
         self._responses: Any = None  # grpc's call object: an iterator of the answers
         self._ends: weakref.finalize | None = None
+        self._closed = False
         self._used = 0.0  # time.monotonic() of the last answer
         self._refused_until = 0.0
         self._calls = 0
         self._expired = -1  # the number of the call whose deadline passed
 
     def call(self, data: bytes) -> bytes | None:
-        if not self._lock.acquire(blocking=False):  # another thread's call is on the stream
+        if self._closed or not self._lock.acquire(blocking=False):  # another thread's call is on the stream
             return None
         try:
-            return self._send(data)
+            return None if self._closed else self._send(data)
         finally:
             self._lock.release()
 
     def close(self) -> None:
+        """For good (its session is closing): end the stream once a call in progress on it, another
+        thread's, has its answer; calls after this go unary."""
+        self._closed = True
+        if self._lock.acquire(timeout=self._client.timeout + 1):  # that call's deadline ends it before
+            try:
+                self._end()
+            finally:
+                self._lock.release()
+
+    def _end(self) -> None:
         """End the stream and wait (at most the client's timeout) for the server to end it too:
         grpc cancels a call whose object is dropped before. The next call opens another."""
         if self._ends is None:
@@ -87,7 +98,7 @@ class CallStream:
     def _send(self, data: bytes) -> bytes | None:
         now = time.monotonic()
         if self._responses is not None and now - self._used > IDLE_SECONDS:
-            self.close()
+            self._end()
         if self._responses is None:
             if now < self._refused_until:
                 return None
@@ -100,7 +111,7 @@ class CallStream:
         try:
             answer = next(self._responses)
         except grpc.RpcError as e:
-            self.close()
+            self._end()
             if self._expired == number:
                 raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"{self._method} had no answer within {self._client.timeout:g} s") from None
@@ -112,7 +123,7 @@ class CallStream:
             return None  # the stream broke, ended idle, or the server predates it
 
         except StopIteration:  # the server ended the stream (stopping)
-            self.close()
+            self._end()
             return None
         finally:
             _DEADLINES.disarm((self, number))

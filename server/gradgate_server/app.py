@@ -122,7 +122,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
-    call_streams = CallStreams(config.max_call_streams, config.stream_idle_seconds)
+    # each open stream holds an RPC thread: one at least stays for unary calls
+    call_streams = CallStreams(min(config.max_call_streams, config.max_workers - 1), config.stream_idle_seconds)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
                                          config.max_message_bytes, config.max_tensor_elements, authenticator,
                                          config.stream_idle_seconds, call_streams)

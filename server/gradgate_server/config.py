@@ -30,8 +30,8 @@ class Config:
                 "quiet client does not hold an RPC thread"})
     max_call_streams: int = field(default=4, metadata={
         "help": "ForwardBackwardStream streams open at once (the SDK's fast road for forward_backward; more "
-                "clients fall back to unary calls); each holds an RPC thread while open, so keep it below "
-                "--max-workers; 0 = none"})
+                "clients fall back to unary calls); each holds an RPC thread while open, so at most "
+                "--max-workers - 1 are allowed; 0 = none"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = field(default=64 * MiB, metadata={
         "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})

@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from gradgate.call_stream import STREAMS_FULL
 from gradgate.codec import decode, encode
 from gradgate.watchdog import Watchdog
 from gradgate.v1 import gradient_service_pb2
@@ -183,9 +184,6 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
         finally:
             streams.slots.release()
     return grpc.stream_stream_rpc_method_handler(behavior)
-
-
-STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream refused for want of a slot
 
 
 class Requests:
