@@ -278,3 +278,28 @@ def test_stream_slots_leave_a_thread_for_unary_calls() -> None:
             sess.forward_backward(batch(0))
         assert streamed_calls(server) == 1 and unary_calls(server) == 2
         assert client.list_ops()  # a unary call still finds a thread
+
+
+def test_aging_connections_never_cut_a_call_that_ran() -> None:
+    """With --max-connection-age the server ends each stream between calls (after half the
+    grace), before the connection's cut could drop an answer the client would then ask again:
+    every call runs once, so batchnorm's running statistics equal a unary-only run's."""
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 3))
+    gamma, beta = g.param("gamma", (3,)), g.param("beta", (3,))
+    big = g.param("big", (1000, 1000))  # 8 MB of gradient in every answer: longer on the wire, where a cut falls
+    g.set_loss(gg.sum(gg.batchnorm(x, gamma, beta, momentum=0.9, name="bn") ** 2) + 0.0 * gg.sum(big))
+    params = {"gamma": np.ones(3), "beta": np.zeros(3), "big": np.zeros((1000, 1000))}
+    data = np.random.default_rng(0).normal(size=(8, 3))
+    with served(max_connection_age_seconds=0.3, grace_seconds=0.1) as server, \
+            gg.connect(server.address) as streaming, gg.connect(server.address, call_streams=False) as unary, \
+            streaming.session(g, params) as a, unary.session(g, params) as b:
+        calls, stop = 0, time.monotonic() + 4.0
+        while time.monotonic() < stop and calls < 2000:
+            a.forward_backward({"x": data + calls})
+            b.forward_backward({"x": data + calls})
+            calls += 1
+        for name, value in b.get_buffers().items():
+            np.testing.assert_array_equal(a.get_buffers()[name], value)
+        assert count(server, "grpc_server_started_total", STREAM) > 2  # streams came and went
+        assert streamed_calls(server) + unary_calls(server) == 2 * calls  # each call ran once

@@ -38,8 +38,9 @@ _DEADLINES = Watchdog(0.02, "gradgate-call-deadlines")
 
 
 class CallStream:
-    """Calls of ``method`` for one session (routed by ``session_key``); ``call(data)`` returns
-    the answer's bytes, or None when the call should be sent unary instead."""
+    """Calls of ``method`` for one session (routed by ``session_key``): ``call(data, deadline)``
+    returns the answer's bytes, or None when the call should be sent unary instead, by the same
+    ``deadline`` (on time.monotonic's clock)."""
 
     def __init__(self, client: Client, method: str, session_key: str):
         self._client, self._method, self._key = client, method, session_key
@@ -53,11 +54,11 @@ class CallStream:
         self._calls = 0
         self._expired = -1  # the number of the call whose deadline passed
 
-    def call(self, data: bytes) -> bytes | None:
+    def call(self, data: bytes, deadline: float) -> bytes | None:
         if self._closed or not self._lock.acquire(blocking=False):  # another thread's call is on the stream
             return None
         try:
-            return None if self._closed else self._send(data)
+            return None if self._closed else self._send(data, deadline)
         finally:
             self._lock.release()
 
@@ -67,19 +68,19 @@ class CallStream:
         self._closed = True
         if self._lock.acquire(timeout=self._client.timeout + 1):  # that call's deadline ends it before
             try:
-                self._end()
+                self._end(time.monotonic() + self._client.timeout)
             finally:
                 self._lock.release()
 
-    def _end(self) -> None:
-        """End the stream and wait (at most the client's timeout) for the server to end it too:
-        grpc cancels a call whose object is dropped before. The next call opens another."""
+    def _end(self, until: float) -> None:
+        """End the stream, and wait until ``until`` at most for the server to end it too: grpc
+        cancels a call whose object is dropped before. The next call opens another."""
         if self._ends is None:
             return
         self._ends()  # puts the None that ends the requests
-        responses, key = self._responses, (self, "close")
+        responses, key = self._responses, (self, "end")
         self._requests = self._responses = self._ends = None
-        _DEADLINES.arm(key, self._client.timeout, responses.cancel)
+        _DEADLINES.arm(key, until - time.monotonic(), responses.cancel)
         try:
             for _ in responses:
                 pass
@@ -95,10 +96,10 @@ class CallStream:
         cell.append(self._responses)
         self._ends = weakref.finalize(self, self._requests.put, None)  # also when dropped without close
 
-    def _send(self, data: bytes) -> bytes | None:
+    def _send(self, data: bytes, deadline: float) -> bytes | None:
         now = time.monotonic()
         if self._responses is not None and now - self._used > IDLE_SECONDS:
-            self._end()
+            self._end(min(deadline, now + 1.0))
         if self._responses is None:
             if now < self._refused_until:
                 return None
@@ -107,11 +108,11 @@ class CallStream:
         self._calls += 1
         number = self._calls
         self._requests.put(data)
-        _DEADLINES.arm((self, number), self._client.timeout, lambda: self._expire(number))
+        _DEADLINES.arm((self, number), deadline - time.monotonic(), lambda: self._expire(number))
         try:
             answer = next(self._responses)
         except grpc.RpcError as e:
-            self._end()
+            self._end(min(deadline, time.monotonic() + 1.0))
             if self._expired == number:
                 raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"{self._method} had no answer within {self._client.timeout:g} s") from None
@@ -120,10 +121,12 @@ class CallStream:
                 return None
             if e.code() in ANSWERS:  # type: ignore[attr-defined]
                 raise from_rpc_error(e) from None
-            return None  # the stream broke, ended idle, or the server predates it
-
-        except StopIteration:  # the server ended the stream (stopping)
-            self._end()
+            # The stream broke (a server killed, a network cut) or predates the server: sent
+            # again unary, as gRPC's retry policy re-sends a unary call that met UNAVAILABLE. The
+            # server itself ends a stream only between calls (idle, aged, stopping): below.
+            return None
+        except StopIteration:  # the server ended the stream without reading this request
+            self._end(deadline)
             return None
         finally:
             _DEADLINES.disarm((self, number))

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -197,11 +198,12 @@ class Client:
         maps as read-only arrays. ``session_key`` goes into the ``x-session-id`` header that
         routes the call to its session's replica. ``stream``: send it there if it can carry it."""
         data = encode(request, **arrays)
-        answer = stream.call(data) if stream is not None else None
+        deadline = time.monotonic() + self.timeout  # one for the call, whichever way it goes
+        answer = stream.call(data, deadline) if stream is not None else None
         if answer is None:
             try:
-                answer = self._unary[method](data, timeout=self.timeout, metadata=_routing(session_key),
-                                             wait_for_ready=wait_for_ready)
+                answer = self._unary[method](data, timeout=max(deadline - time.monotonic(), 0.001),
+                                             metadata=_routing(session_key), wait_for_ready=wait_for_ready)
             except grpc.RpcError as e:
                 raise from_rpc_error(e) from None
         return decode(answer, _METHODS[method][1])

@@ -2,28 +2,21 @@
 of a gRPC stream: what is armed gets its ``expire`` callback once its deadline passes."""
 from __future__ import annotations
 
-import atexit
-import concurrent.futures.thread  # noqa: F401  registers its exit hook now, before ours (see the end)
 import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable
 
 
 class Watchdog:
     """A thread that checks every ``interval`` seconds for armed waits past their deadline,
     so that arming and disarming cost a dict write each (no wake-up on the hot path). The
-    thread runs while something is armed, and for a few intervals after. ``at_exit``: expire
-    everything when the interpreter starts to exit, before it waits for executor threads
-    (which may be the very ones waiting)."""
+    thread runs while something is armed, and for a few intervals after."""
 
-    def __init__(self, interval: float, name: str, at_exit: bool = False):
+    def __init__(self, interval: float, name: str):
         self.interval, self.name = interval, name
         self._armed: dict[Hashable, tuple[float, Callable[[], None]]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        if at_exit:
-            _AT_EXIT.add(self)
 
     def arm(self, key: Hashable, seconds: float, expire: Callable[[], None]) -> None:
         """Call ``expire()`` in ``seconds`` unless ``disarm(key)`` comes first."""
@@ -57,16 +50,3 @@ class Watchdog:
                 self._armed.pop(key, None)
                 armed[1]()
 
-
-_AT_EXIT: weakref.WeakSet[Watchdog] = weakref.WeakSet()
-
-
-def _exiting() -> None:
-    for watchdog in list(_AT_EXIT):
-        watchdog.expire_all()
-
-
-# Runs before the interpreter joins executor threads: concurrent.futures registers that join
-# the same way, at its import above, and these run in reverse order (a plain atexit hook would
-# run after the join).
-getattr(threading, "_register_atexit", atexit.register)(_exiting)

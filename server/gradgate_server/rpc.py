@@ -11,9 +11,13 @@ of an interceptor that would run on every call.
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401  registers its exit hook now, before ours
+import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -88,7 +92,8 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
         if unary != method.name and unary in SERVICE.methods_by_name:
-            handler = _call_stream(metrics.method(full_name, "bidi_stream"), inner, decoded, call_streams)
+            handler = _call_stream(metrics.method(full_name, "bidi_stream"), inner, decoded, call_streams,
+                                   authenticate)
         elif method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
@@ -120,43 +125,69 @@ def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) ->
 
 
 class CallStreams:
-    """The slots of streams of unary calls (``<Method>Stream``), and their idle limit.
-    Each open stream holds an RPC thread, between its calls too, so their number is
-    bounded; the stream waits for its next request without a reader thread of its own
-    (a cost on every call), and a watchdog ends one left idle for ``idle_seconds``."""
+    """The slots of streams of unary calls (``<Method>Stream``), and when a stream ends.
+    Each open stream holds an RPC thread, between its calls too, so their number is bounded.
+    A stream ends only between calls, never with a request read and not answered, so a client
+    whose stream ended may send that request again: once its answer has been sent and the
+    client has sent no next request for ``idle_seconds`` (a watchdog ends it: waiting costs
+    no reader thread of its own), after ``max_age_seconds``, and when the server stops or
+    the interpreter exits (which waits for every RPC thread)."""
 
-    def __init__(self, slots: int, idle_seconds: float):
+    def __init__(self, slots: int, idle_seconds: float, max_age_seconds: float = math.inf):
         self.slots, self.idle_seconds = threading.BoundedSemaphore(max(slots, 1)), idle_seconds
+        self.max_age_seconds = max_age_seconds
         self.open = slots > 0
         self.stopping = False
-        # at exit too: the interpreter waits for every RPC thread, and a client that never closed
-        # its stream (the SDK with an embedded server, say) would hold one until the idle limit
-        self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle", at_exit=True)
+        self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle")
+        _STOP_AT_EXIT.add(self)
 
     def stop(self) -> None:
-        """The server is stopping: end every stream once its call in progress (if any) is
-        answered, rather than hold the shutdown's grace period; refuse new ones."""
+        """End every stream once its call in progress (if any) is answered, rather than hold
+        the shutdown's grace period; refuse new ones."""
         self.stopping, self.open = True, False
         self.watchdog.expire_all()
 
 
-def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable, streams: CallStreams
-                 ) -> grpc.RpcMethodHandler:
+_STOP_AT_EXIT: weakref.WeakSet[CallStreams] = weakref.WeakSet()
+
+
+def _exiting() -> None:
+    for streams in list(_STOP_AT_EXIT):
+        streams.stop()
+
+
+# Before the interpreter joins executor threads, which the streams hold: concurrent.futures
+# registers that join the same way, at its import (above), and these run in reverse order;
+# an atexit hook would run after the join.
+getattr(threading, "_register_atexit", atexit.register)(_exiting)
+
+
+def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable, streams: CallStreams,
+                 authenticate: Callable[[grpc.ServicerContext], None] | None) -> grpc.RpcMethodHandler:
     """Calls of the unary ``inner``, one per request of a bidi stream, each answered in order
     as the unary call answers it; a call's error ends the stream with its status."""
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
+        try:
+            if authenticate is not None:  # before a slot is taken
+                authenticate(context)
+        except Exception as e:
+            status = status_of(e, record_of.full_method)
+            record.end(status.code, status.details)
+            context.abort_with_status(status)
         if not (streams.open and streams.slots.acquire(blocking=False)):
             details = ("every stream slot of this server is taken (--max-call-streams); "
                        "send the calls as unary calls")
             record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
             context.set_trailing_metadata(((STREAMS_FULL, "full"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        ends = time.monotonic() + streams.max_age_seconds
         try:
+            # the idle clock runs from the answer handed over (a client that reads nothing holds
+            # the send) to the next request read
+            streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
             while True:
-                streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
-                if streams.stopping:  # stop() expired the waits armed before it: this one too
-                    streams.watchdog.disarm(context)
+                if streams.stopping or time.monotonic() > ends:  # stop() expired the waits armed before it
                     break
                 try:
                     data = next(datas, None)
@@ -169,12 +200,13 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
                 record.session = call.session_id
                 response = inner(call)
                 record.sent(len(response))
+                streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
                 yield response
         except GeneratorExit:  # grpc dropped the stream (the client went away)
             record.end()
             raise
         except grpc.RpcError:  # cancelled while waiting: by the client, or idle for too long
-            record.end(None, f"no request for {streams.idle_seconds:g} s (--stream-idle-seconds), or cancelled")
+            record.end(None, f"idle for {streams.idle_seconds:g} s (--stream-idle-seconds), or cancelled")
         except Exception as e:
             status = status_of(e, record_of.full_method)
             record.end(status.code, status.details)
@@ -182,6 +214,7 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
         else:
             record.end()
         finally:
+            streams.watchdog.disarm(context)
             streams.slots.release()
     return grpc.stream_stream_rpc_method_handler(behavior)
 
