@@ -14,7 +14,8 @@ Targets (issue 7):
       PyTorch eager training in this process
   T2  a client-driven step (gg.train's ForwardBackward with the parameters, then Adam) <=
       the in-process step + 1.2 x a raw grpcio echo of the same bytes in one call
-  T3  the lecture's 3-4-4-1 net, forward_backward through the SDK <= 1.3 x an empty unary call
+  T3  the lecture's 3-4-4-1 net, forward_backward through the SDK (over its stream of calls; also
+      measured as unary calls, for reference) <= 1.3 x an empty unary call
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
 modules, when present) the convnet step against PyTorch and 2 replicas against 1.
