@@ -92,6 +92,17 @@ def test_decoded_arrays_view_the_received_bytes() -> None:
     np.testing.assert_array_equal(got, x)
 
 
+def test_a_header_seen_before_is_still_held_to_the_element_limit() -> None:
+    x = np.arange(12.0).reshape(3, 4)
+    data = codec.encode(pb.ForwardRequest(session_id="s"), inputs={"x": x})
+    for _ in range(2):  # the second decode takes the cached header's path
+        np.testing.assert_array_equal(codec.decode(data, pb.ForwardRequest, 12)[1]["inputs"]["x"], x)
+    with pytest.raises(codec.TensorTooLarge, match=r"shape \[3, 4\] has 12 elements; the limit is 11"):
+        codec.decode(data, pb.ForwardRequest, 11)
+    other = codec.encode(pb.ForwardRequest(session_id="s"), inputs={"x": x + 1})  # same header, other data
+    np.testing.assert_array_equal(codec.decode(other, pb.ForwardRequest)[1]["inputs"]["x"], x + 1)
+
+
 def test_encode_takes_any_layout_and_casts_nothing_it_can_send() -> None:
     a = np.arange(12.0).reshape(3, 4)
     data = codec.encode(pb.ForwardRequest(), inputs={"t": a.T, "f": 1.5, "l": [1, 2], "big": a.astype(">f8")})

@@ -87,7 +87,7 @@ def _array(code: int, shape: tuple[int, ...], data: bytes, offset: int, nbytes: 
     # numpy refuses even an empty array whose other dimensions overflow, e.g. (0, 2**62): count 0 as 1
     span = size or math.prod(max(d, 1) for d in shape)
     if max_elements is not None and span > max_elements:
-        raise TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; the limit is {max_elements}")
+        raise _too_large(field, name, shape, size, max_elements)
     if span > sys.maxsize // dtype.itemsize:  # no limit given: numpy's own
         raise CodecError(f"{_at(field, name)}.shape", f"shape {list(shape)} is too large for any array")
     if nbytes != size * dtype.itemsize:
@@ -98,6 +98,10 @@ def _array(code: int, shape: tuple[int, ...], data: bytes, offset: int, nbytes: 
         a.flags.writeable = False
         return a
     return np.frombuffer(data, dtype, size, offset).reshape(shape)
+
+
+def _too_large(field: str, name: str | None, shape: tuple[int, ...], size: int, limit: int) -> TensorTooLarge:
+    return TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; the limit is {limit}")
 
 
 def to_tensor(array: Any, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
@@ -447,8 +451,7 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
             if layout is not None and data.startswith(layout[0], pos):  # only the data differs
                 head, name, dtype, shape, size = layout  # checked when it was cached: only the limit is left
                 if max_elements is not None and size > max_elements:
-                    raise TensorTooLarge(_at(field, name), f"shape {list(shape)} has {size} elements; "
-                                                           f"the limit is {max_elements}")
+                    raise _too_large(field, name, shape, size, max_elements)
                 arrays[field][name] = np.frombuffer(data, dtype, size, pos + len(head)).reshape(shape)
                 pos = stop
                 continue

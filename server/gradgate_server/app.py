@@ -123,9 +123,9 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
-    # each open stream holds an RPC thread: one at least stays for unary calls
-    # when connections age out, a stream older than half the grace ends between calls before its
-    # connection is cut, so a call is never cut after it ran
+    # Each open stream holds an RPC thread: one at least stays for unary calls. When connections
+    # age out, a stream older than half the grace ends between calls, before its connection is
+    # cut, so no call is cut after it ran.
     call_streams = CallStreams(min(config.max_call_streams, config.max_workers - 1), config.stream_idle_seconds,
                                config.grace_seconds / 2 if config.max_connection_age_seconds > 0 else math.inf)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,

@@ -104,6 +104,13 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
     return handlers
 
 
+def _abort(record: RpcRecord, context: grpc.ServicerContext, error: BaseException) -> None:
+    """End the call with the status ``error`` maps to, recorded first (raises, as grpc's abort does)."""
+    status = status_of(error, record.method.full_method)
+    record.end(status.code, status.details)
+    context.abort_with_status(status)
+
+
 def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) -> grpc.RpcMethodHandler:
     def behavior(data: bytes, context: grpc.ServicerContext) -> bytes | None:
         record = RpcRecord(record_of, context, len(data))
@@ -113,9 +120,7 @@ def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) ->
             response = inner(call)
         except Exception as e:
             record.session = call.session_id if call is not None else ""
-            status = status_of(e, record_of.full_method)
-            record.end(status.code, status.details)
-            context.abort_with_status(status)
+            _abort(record, context, e)
             return None  # abort raised; unreachable
         record.session = call.session_id
         record.sent(len(response))
@@ -172,9 +177,7 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
             if authenticate is not None:  # before a slot is taken
                 authenticate(context)
         except Exception as e:
-            status = status_of(e, record_of.full_method)
-            record.end(status.code, status.details)
-            context.abort_with_status(status)
+            _abort(record, context, e)
         if not (streams.open and streams.slots.acquire(blocking=False)):
             details = ("every stream slot of this server is taken (--max-call-streams); "
                        "send the calls as unary calls")
@@ -208,9 +211,7 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
         except grpc.RpcError:  # cancelled while waiting: by the client, or idle for too long
             record.end(None, f"idle for {streams.idle_seconds:g} s (--stream-idle-seconds), or cancelled")
         except Exception as e:
-            status = status_of(e, record_of.full_method)
-            record.end(status.code, status.details)
-            context.abort_with_status(status)
+            _abort(record, context, e)
         else:
             record.end()
         finally:
@@ -292,9 +293,7 @@ def _client_stream(record_of: Any, inner: Callable, decoded: Callable, idle_seco
         try:
             response = inner(Requests(record, datas, context, decoded, idle_seconds), context)
         except Exception as e:
-            status = status_of(e, record_of.full_method)
-            record.end(status.code, status.details)
-            context.abort_with_status(status)
+            _abort(record, context, e)
             return None
         record.sent(len(response))
         record.end()
@@ -314,9 +313,7 @@ def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable, idle_second
             record.end()
             raise
         except Exception as e:
-            status = status_of(e, record_of.full_method)
-            record.end(status.code, status.details)
-            context.abort_with_status(status)
+            _abort(record, context, e)
         else:
             record.end()
     return grpc.stream_stream_rpc_method_handler(behavior)
