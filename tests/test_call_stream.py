@@ -39,7 +39,8 @@ def streamed_calls(server: Server) -> float:
 
 
 def unary_calls(server: Server) -> float:
-    return count(server, "grpc_server_handled_total", "ForwardBackward")
+    """ForwardBackward calls that came unary: every call counts as a ForwardBackward call."""
+    return count(server, "grpc_server_handled_total", "ForwardBackward") - streamed_calls(server)
 
 
 def ended(server: Server) -> float:
@@ -118,6 +119,10 @@ def test_an_error_is_raised_and_the_next_call_opens_a_new_stream() -> None:
         assert count(server, "grpc_server_handled_total", STREAM, grpc_code="InvalidArgument") == 1
         assert count(server, "grpc_server_started_total", STREAM) == 2
         assert unary_calls(server) == 0
+        # each call is counted as the ForwardBackward call it is, with its status and its time
+        assert count(server, "grpc_server_handled_total", "ForwardBackward", grpc_code="InvalidArgument") == 1
+        assert count(server, "grpc_server_handled_total", "ForwardBackward", grpc_code="OK") == 2
+        assert count(server, "grpc_server_handling_seconds_count", "ForwardBackward") == 3
 
 
 def test_a_server_without_free_slots_gets_unary_calls() -> None:
@@ -291,7 +296,7 @@ def test_aging_connections_never_cut_a_call_that_ran() -> None:
     g.set_loss(gg.sum(gg.batchnorm(x, gamma, beta, momentum=0.9, name="bn") ** 2) + 0.0 * gg.sum(big))
     params = {"gamma": np.ones(3), "beta": np.zeros(3), "big": np.zeros((1000, 1000))}
     data = np.random.default_rng(0).normal(size=(8, 3))
-    with served(max_connection_age_seconds=0.3, grace_seconds=0.1) as server, \
+    with served(max_connection_age_seconds=0.4, grace_seconds=0.3) as server, \
             gg.connect(server.address) as streaming, gg.connect(server.address, call_streams=False) as unary, \
             streaming.session(g, params) as a, unary.session(g, params) as b:
         calls, stop = 0, time.monotonic() + 4.0

@@ -92,8 +92,9 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
         if unary != method.name and unary in SERVICE.methods_by_name:
-            handler = _call_stream(metrics.method(full_name, "bidi_stream"), inner, decoded, call_streams,
-                                   authenticate)
+            handler = _call_stream(metrics.method(full_name, "bidi_stream"),
+                                   metrics.method(f"/{SERVICE.full_name}/{unary}", "unary"), inner, decoded,
+                                   call_streams, authenticate)
         elif method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
@@ -167,10 +168,13 @@ def _exiting() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_exiting)
 
 
-def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable, streams: CallStreams,
-                 authenticate: Callable[[grpc.ServicerContext], None] | None) -> grpc.RpcMethodHandler:
+def _call_stream(record_of: Any, call_record_of: Any, inner: Callable[[Call], bytes], decoded: Callable,
+                 streams: CallStreams, authenticate: Callable[[grpc.ServicerContext], None] | None
+                 ) -> grpc.RpcMethodHandler:
     """Calls of the unary ``inner``, one per request of a bidi stream, each answered in order
-    as the unary call answers it; a call's error ends the stream with its status."""
+    as the unary call answers it; a call's error ends the stream with its status. Each call is
+    also counted (``call_record_of``) and logged as the unary call it stands for, so per-method
+    rates, errors and latencies read the same whichever way calls come."""
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
         try:
@@ -184,7 +188,7 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
             record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
             context.set_trailing_metadata(((STREAMS_FULL, "full"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-        ends = time.monotonic() + streams.max_age_seconds
+        ends, failed = time.monotonic() + streams.max_age_seconds, None
         try:
             # the idle clock runs from the answer handed over (a client that reads nothing holds
             # the send) to the next request read
@@ -199,9 +203,18 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
                 if data is None:
                     break
                 record.received(len(data))
-                call = decoded(data, context)
-                record.session = call.session_id
-                response = inner(call)
+                each = RpcRecord(call_record_of, context, len(data))
+                try:
+                    call = decoded(data, context)
+                    record.session = each.session = call.session_id
+                    response = inner(call)
+                except Exception as e:  # the call's status ends the stream too (after the slot is freed)
+                    failed = status_of(e, call_record_of.full_method)
+                    each.end(failed.code, failed.details)
+                    record.end(failed.code, failed.details)
+                    break
+                each.sent(len(response))
+                each.end()
                 record.sent(len(response))
                 streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
                 yield response
@@ -213,10 +226,12 @@ def _call_stream(record_of: Any, inner: Callable[[Call], bytes], decoded: Callab
         except Exception as e:
             _abort(record, context, e)
         else:
-            record.end()
+            record.end()  # a no-op after a failed call
         finally:
             streams.watchdog.disarm(context)
             streams.slots.release()
+        if failed is not None:
+            context.abort_with_status(failed)
     return grpc.stream_stream_rpc_method_handler(behavior)
 
 
