@@ -188,11 +188,23 @@ def _call_stream(record_of: Any, call_record_of: Any, inner: Callable[[Call], by
             record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
             context.set_trailing_metadata(((STREAMS_FULL, "full"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-        ends, failed = time.monotonic() + streams.max_age_seconds, None
+        ends, failed, cancelled = time.monotonic() + streams.max_age_seconds, None, []
+
+        def cancel() -> None:  # idle, or the server stopping
+            cancelled.append(True)
+            context.cancel()
+
+        def end() -> None:
+            if cancelled:  # as the client sees it: the stream may end before grpc reports the cancel
+                record.end(grpc.StatusCode.CANCELLED,
+                           f"idle for {streams.idle_seconds:g} s (--stream-idle-seconds), or the server stopping")
+            else:
+                record.end()
+
         try:
             # the idle clock runs from the answer handed over (a client that reads nothing holds
             # the send) to the next request read
-            streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
+            streams.watchdog.arm(context, streams.idle_seconds, cancel)
             while True:
                 if streams.stopping or time.monotonic() > ends:  # stop() expired the waits armed before it
                     break
@@ -216,17 +228,17 @@ def _call_stream(record_of: Any, call_record_of: Any, inner: Callable[[Call], by
                 each.sent(len(response))
                 each.end()
                 record.sent(len(response))
-                streams.watchdog.arm(context, streams.idle_seconds, context.cancel)
+                streams.watchdog.arm(context, streams.idle_seconds, cancel)
                 yield response
-        except GeneratorExit:  # grpc dropped the stream (the client went away)
-            record.end()
+        except GeneratorExit:  # grpc dropped the stream (the client went away, or cancel())
+            end()
             raise
-        except grpc.RpcError:  # cancelled while waiting: by the client, or idle for too long
-            record.end(None, f"idle for {streams.idle_seconds:g} s (--stream-idle-seconds), or cancelled")
+        except grpc.RpcError:  # cancelled while waiting: by the client, or by cancel()
+            end()
         except Exception as e:
             _abort(record, context, e)
         else:
-            record.end()  # a no-op after a failed call
+            end()  # a no-op after a failed call
         finally:
             streams.watchdog.disarm(context)
             streams.slots.release()
