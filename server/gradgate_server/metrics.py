@@ -146,14 +146,12 @@ class Metrics:
         """Call once per gradient check run (the GradientCheck RPC)."""
         self.gradient_checks.labels("pass" if passed else "fail").inc()
 
-    def check_finite(self, kind: str, values: Iterable[Any]) -> None:
-        """Count NaN/Inf among ``values`` (floats or arrays); ``kind`` is loss | gradient."""
+    def check_finite(self, kind: str, values: Iterable[np.ndarray]) -> None:
+        """Count NaN/Inf among the arrays ``values`` (a loss: check_loss); ``kind`` labels them."""
         bad, small = 0, []
         with np.errstate(all="ignore"):  # huge finite values: counted below, not warned about
             for v in values:
-                if isinstance(v, float):
-                    bad += not math.isfinite(v)
-                elif v.dtype.kind == "f" and v.size:
+                if v.dtype.kind == "f" and v.size:
                     if v.size <= _SMALL:  # checked together below: one numpy call instead of one each
                         small.append(v.reshape(-1))
                     elif not math.isfinite(np.dot(r := v.reshape(-1), r)):
