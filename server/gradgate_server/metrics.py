@@ -7,6 +7,8 @@ one process (tests, the SDK's embedded server) never collide.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import platform
@@ -21,8 +23,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 import numpy as np
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.utils import floatToGoString
 
 from .logs import ACCESS, access
 
@@ -53,22 +57,9 @@ class Metrics:
 
     def __init__(self, version: str = "unknown", cache_budget_bytes: int = 0):
         self.registry = r = CollectorRegistry()
-        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
-        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", grpc_labels,
-                               registry=r)
-        self.handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
-                               [*grpc_labels, "grpc_code"], registry=r)
-        self.handling = Histogram("grpc_server_handling_seconds",
-                                  "Time from the start of an RPC to its status, in seconds.", grpc_labels,
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.msg_received = Counter("grpc_server_msg_received_total", "Request messages received.", grpc_labels,
-                                    registry=r)
-        self.msg_sent = Counter("grpc_server_msg_sent_total", "Response messages sent.", grpc_labels, registry=r)
-        payload_labels = ["grpc_service", "grpc_method"]
-        self.request_bytes = Histogram("gradgate_request_bytes", "Serialized size of each request message.",
-                                       payload_labels, buckets=BYTES_BUCKETS, registry=r)
-        self.response_bytes = Histogram("gradgate_response_bytes", "Serialized size of each response message.",
-                                        payload_labels, buckets=BYTES_BUCKETS, registry=r)
+        # the per-method series of every RPC, counted in plain Python (see RpcSeries)
+        self._methods: dict[str, _MethodMetrics] = {}
+        r.register(RpcSeries(self._methods))
 
         self.sessions_active = Gauge("gradgate_sessions_active", "Sessions held by the server.", registry=r)
         self.sessions_created = Counter("gradgate_sessions_created_total", "Sessions created.", registry=r)
@@ -109,7 +100,6 @@ class Metrics:
         for kind in ("loss", "gradient"):
             self.nonfinite.labels(kind)
         self._op_timers: dict[tuple[str, str], Callable[[float], None]] = {}
-        self._methods: dict[str, _MethodMetrics] = {}
         self._http: WSGIServer | None = None
 
     # -- domain recorders --------------------------------------------------------
@@ -195,8 +185,8 @@ class Metrics:
 
     def method(self, full_method: str, grpc_type: str) -> _MethodMetrics:
         m = self._methods.get(full_method)
-        if m is None:
-            m = self._methods[full_method] = _MethodMetrics(self, full_method, grpc_type)
+        if m is None:  # setdefault: two threads resolving one method share one
+            m = self._methods.setdefault(full_method, _MethodMetrics(full_method, grpc_type))
         return m
 
     def observed(self, full_method: str, handler: grpc.RpcMethodHandler,
@@ -216,31 +206,111 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class _MethodMetrics:
-    """The labelled children of one RPC method, resolved once."""
+class _Buckets:
+    """A histogram's bucket counts and sum (its method's lock guards them)."""
 
-    def __init__(self, metrics: Metrics, full_method: str, grpc_type: str):
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, float]], float]:
+        """(le, count) pairs as Prometheus wants them, and the sum."""
+        return [(floatToGoString(le), float(n)) for le, n in
+                zip((*self.bounds, math.inf), itertools.accumulate(self.counts))], self.sum
+
+
+class _MethodMetrics:
+    """The counts of one RPC method, kept under one lock: recording a unary call takes three
+    short locked updates (3.4 us in a loop), where prometheus_client's objects took a lock and
+    a bucket search for each of its eight (8.0 us). RpcSeries turns them into metric families
+    at scrape time."""
+
+    def __init__(self, full_method: str, grpc_type: str):
         self.full_method = full_method
         service, method = full_method.lstrip("/").rsplit("/", 1)
-        labels = (grpc_type, service, method)
-        self.started = metrics.started.labels(*labels).inc
-        self.received = metrics.msg_received.labels(*labels).inc
-        self.sent = metrics.msg_sent.labels(*labels).inc
-        self.seconds = metrics.handling.labels(*labels).observe
-        self.request_bytes = metrics.request_bytes.labels(service, method).observe
-        self.response_bytes = metrics.response_bytes.labels(service, method).observe
-        self._handled = metrics.handled
-        self._labels = labels
+        self.labels = (grpc_type, service, method)
+        self.created = time.time()
+        self.lock = threading.Lock()
+        self.started = self.received = self.sent = 0
         # Code OK exists from the start, at 0, as in go-grpc-prometheus: methods are resolved
         # when the server starts, so the first calls are an increase that rate() and alerts see.
-        self._codes: dict[grpc.StatusCode, Callable[[], None]] = {
-            grpc.StatusCode.OK: self._handled.labels(*labels, GRPC_CODES[grpc.StatusCode.OK]).inc}
+        self.handled: dict[str, int] = {GRPC_CODES[grpc.StatusCode.OK]: 0}
+        self.seconds = _Buckets(LATENCY_BUCKETS)
+        self.request_bytes, self.response_bytes = _Buckets(BYTES_BUCKETS), _Buckets(BYTES_BUCKETS)
 
-    def handled(self, code: grpc.StatusCode) -> None:
-        inc = self._codes.get(code)
-        if inc is None:
-            inc = self._codes[code] = self._handled.labels(*self._labels, GRPC_CODES[code]).inc
-        inc()
+    def start(self, request_bytes: int | None) -> None:
+        with self.lock:
+            self.started += 1
+            if request_bytes is not None:
+                self.received += 1
+                self.request_bytes.observe(request_bytes)
+
+    def receive(self, size: int) -> None:
+        with self.lock:
+            self.received += 1
+            self.request_bytes.observe(size)
+
+    def send(self, size: int) -> None:
+        with self.lock:
+            self.sent += 1
+            self.response_bytes.observe(size)
+
+    def finish(self, code: grpc.StatusCode, seconds: float) -> None:
+        name = GRPC_CODES[code]
+        with self.lock:
+            self.handled[name] = self.handled.get(name, 0) + 1
+            self.seconds.observe(seconds)
+
+
+class RpcSeries:
+    """The grpc_server_* series (go-grpc-prometheus's names) and gradgate_request/response_bytes
+    of every method, as a prometheus_client collector."""
+
+    def __init__(self, methods: dict[str, _MethodMetrics]):
+        self.methods = methods
+
+    def describe(self) -> list[Metric]:
+        return self._families([])
+
+    def collect(self) -> list[Metric]:
+        return self._families(list(self.methods.values()))
+
+    @staticmethod
+    def _families(methods: list[_MethodMetrics]) -> list[Metric]:
+        grpc_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        started = CounterMetricFamily("grpc_server_started", "RPCs started on the server.", labels=grpc_labels)
+        handled = CounterMetricFamily("grpc_server_handled", "RPCs completed on the server, by status code.",
+                                      labels=[*grpc_labels, "grpc_code"])
+        handling = HistogramMetricFamily("grpc_server_handling_seconds",
+                                         "Time from the start of an RPC to its status, in seconds.", labels=grpc_labels)
+        received = CounterMetricFamily("grpc_server_msg_received", "Request messages received.", labels=grpc_labels)
+        sent = CounterMetricFamily("grpc_server_msg_sent", "Response messages sent.", labels=grpc_labels)
+        payload_labels = ["grpc_service", "grpc_method"]
+        request_bytes = HistogramMetricFamily("gradgate_request_bytes", "Serialized size of each request message.",
+                                              labels=payload_labels)
+        response_bytes = HistogramMetricFamily("gradgate_response_bytes", "Serialized size of each response message.",
+                                               labels=payload_labels)
+        for m in methods:
+            labels, created = list(m.labels), m.created
+            with m.lock:  # one consistent reading of the method
+                counts = m.started, m.received, m.sent, dict(m.handled)
+                histograms = m.seconds.cumulative(), m.request_bytes.cumulative(), m.response_bytes.cumulative()
+            started.add_metric(labels, counts[0], created)
+            received.add_metric(labels, counts[1], created)
+            sent.add_metric(labels, counts[2], created)
+            for code, n in counts[3].items():
+                handled.add_metric([*labels, code], n, created)
+            for family, (buckets, total), names in zip((handling, request_bytes, response_bytes), histograms,
+                                                       (grpc_labels, payload_labels, payload_labels)):
+                values = labels[-len(names):]
+                family.add_metric(values, buckets, total)
+                family.add_sample(f"{family.name}_created", dict(zip(names, values)), created)  # as Histogram has
+        return [started, handled, handling, received, sent, request_bytes, response_bytes]
 
 
 class RpcRecord:
@@ -255,19 +325,17 @@ class RpcRecord:
         self.received_bytes = self.sent_bytes = 0
         self.session = ""
         self._once = [True]  # list.pop is atomic: end() may race with a stream's close callback
-        method.started()
+        method.start(request_bytes)
         if request_bytes is not None:
-            self.received(request_bytes)
+            self.received_bytes = request_bytes
 
     def received(self, size: int) -> None:
         self.received_bytes += size
-        self.method.received()
-        self.method.request_bytes(size)
+        self.method.receive(size)
 
     def sent(self, size: int) -> None:
         self.sent_bytes += size
-        self.method.sent()
-        self.method.response_bytes(size)
+        self.method.send(size)
 
     def end(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
         """Record the call's status: ``code``, or without one OK unless the client went away
@@ -283,8 +351,7 @@ class RpcRecord:
                 remaining = self.context.time_remaining()  # None (documented) or huge without a deadline
                 code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
                         else grpc.StatusCode.CANCELLED)
-        self.method.handled(code)
-        self.method.seconds(seconds)
+        self.method.finish(code, seconds)
         if ACCESS.isEnabledFor(logging.INFO):
             self._log(code, seconds, details)
 
