@@ -113,20 +113,33 @@ def test_state_budgets_cover_parameters() -> None:
 
 def test_parameters_never_pin_a_bigger_request() -> None:
     """Parameters that arrive with a big batch are views into that request's bytes; the session
-    keeps copies, so what it holds is what it counts."""
+    keeps copies, so what it holds is what it counts. Parameters that are most of their
+    request stay views (no copy on the hot path of a client-driven loop)."""
     g = gg.Graph("float64")
     x = g.input("x", (None, 1000))
-    w = g.param("w", (1000,))
-    g.set_loss(gg.sum(x * w))
+    w, v = g.param("w", (1000,)), g.param("v", (1000,))
+    g.set_loss(gg.sum(x * w + x * v))
     with serve("127.0.0.1:0") as server, gg.connect(server.address, timeout=10) as client, \
             client.session(g) as sess:
-        sess.forward_backward({"x": np.ones((500, 1000))}, params={"w": np.full(1000, 2.0)})  # 4 MB batch
+        sess.forward_backward({"x": np.ones((500, 1000))}, params={"w": np.full(1000, 2.0), "v": np.ones(1000)})
         held = server.store._sessions[sess.id].params["w"]
-        base = held
-        while isinstance(base, np.ndarray) and base.base is not None:
-            base = base.base
-        assert getattr(base, "nbytes", len(base)) == 8000  # its own 8 KB, not the 4 MB request
+        assert getattr(buffer_of(held), "nbytes", None) == 8000  # its own 8 KB, not the 4 MB request
         np.testing.assert_array_equal(held, 2.0)
+
+        # an 8 KB batch: each parameter is a third of the request, the two together two thirds
+        sess.forward_backward({"x": np.ones((1, 1000))}, params={"w": np.full(1000, 3.0), "v": np.ones(1000)})
+        held = server.store._sessions[sess.id].params
+        request = buffer_of(held["w"])
+        assert isinstance(request, bytes) and 24000 < len(request) < 2 * 16000 + 4096  # the request itself
+        assert buffer_of(held["v"]) is request
+        np.testing.assert_array_equal(held["w"], 3.0)
+
+
+def buffer_of(a: np.ndarray) -> object:
+    """The buffer an array views in the end (itself if it owns its memory)."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a
 
 
 def rss_by_mapping(pid: int) -> dict[str, int]:

@@ -28,15 +28,20 @@ KEEP: Any = object()  # commit(): leave this part of the session as it is
 
 
 def owned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``arrays`` such that none keeps a larger buffer alive: a zero-copy view into a
-    request that also carried a big batch is copied out, so a session holds what it counts."""
-    out = {}
+    """``arrays`` such that they keep no buffer alive that is more than about twice their own
+    size: zero-copy views into a request that also carried a big batch are copied out, so a
+    session holds about what it counts; views that are most of their request stay views."""
+    views: dict[int, tuple[Any, list[str]]] = {}  # id of the buffer viewed -> it, and the names viewing it
     for name, a in arrays.items():
         base = a
         while isinstance(base, np.ndarray) and base.base is not None:
             base = base.base
+        views.setdefault(id(base), (base, []))[1].append(name)
+    out = dict(arrays)
+    for base, names in views.values():
         held = len(base) if isinstance(base, (bytes, memoryview)) else getattr(base, "nbytes", 0)
-        out[name] = a.copy() if held > 2 * a.nbytes + 4096 else a
+        if held > 2 * sum(arrays[n].nbytes for n in names) + 4096:
+            out.update((n, arrays[n].copy()) for n in names)
     return out
 
 
