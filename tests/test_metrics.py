@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -20,7 +21,7 @@ from gradgate_server import Config, serve
 from gradgate_server.app import version
 from gradgate_server.engine import compile_graph, forward
 from gradgate_server.logs import JsonFormatter
-from gradgate_server.metrics import GRPC_CODES, Metrics
+from gradgate_server.metrics import GRPC_CODES, Metrics, RpcRecord
 
 from graphs import declare, node
 from obs import (GRADIENT_SERVICE, Scrape, chain_graph, chain_params, create_request, forward_request,
@@ -121,6 +122,42 @@ def test_every_call_counted_with_its_code_and_bytes(server, stub) -> None:
     assert s.value("gradgate_nonfinite_values_total") == 0
     [info] = [x for x in s.samples if x.name == "gradgate_build_info"]
     assert info.value == 1 and info.labels["version"] == version()
+
+
+def test_call_records_add_up_exactly_under_concurrency() -> None:
+    """Four threads record 500 calls each while another scrapes: every count is exact, and a
+    size equal to a bucket's bound is counted in that bucket (le means <=)."""
+    metrics = Metrics()
+    method = metrics.method("/t.S/M", "unary")
+
+    class Context:
+        @staticmethod
+        def is_active() -> bool:
+            return True
+
+    def calls() -> None:
+        for _ in range(500):
+            record = RpcRecord(method, Context(), 64)  # the first bytes bucket's bound
+            record.sent(65)
+            record.end()
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        Scrape(metrics.scrape())
+    for t in threads:
+        t.join()
+    s = Scrape(metrics.scrape())
+    labels = {"grpc_service": "t.S", "grpc_method": "M"}
+    for name in ("grpc_server_started_total", "grpc_server_msg_received_total", "grpc_server_msg_sent_total",
+                 "grpc_server_handling_seconds_count", "gradgate_request_bytes_count"):
+        assert s.value(name, **labels) == 2000, name
+    assert s.value("grpc_server_handled_total", grpc_code="OK", **labels) == 2000
+    assert s.value("gradgate_request_bytes_bucket", le="64.0", **labels) == 2000
+    assert s.value("gradgate_request_bytes_sum", **labels) == 64 * 2000
+    assert s.value("gradgate_response_bytes_bucket", le="64.0", **labels) == 0
+    assert s.value("gradgate_response_bytes_bucket", le="256.0", **labels) == 2000
 
 
 def test_cache_bytes_follow_sessions_back_to_zero(server, stub) -> None:
