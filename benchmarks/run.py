@@ -6,7 +6,8 @@
 Baselines run in this process, interleaved with what they are compared to: hand-written
 numpy, PyTorch eager (when installed: pip install torch==2.13.0), the engine in-process,
 a raw grpcio echo moving the same bytes, an empty unary call. Model: a 784-256-10 ReLU
-MLP, softmax cross-entropy, float32, Adam. Timings are medians; nothing is asserted.
+MLP, softmax cross-entropy, float32, Adam. Timings are medians of alternating rounds; each
+ratio is given with the lowest and highest ratio of a single round. Nothing is asserted.
 
 Targets (issue 7):
   T7  a step of training on the server <= 1.3 x the in-process engine step (forward,
@@ -31,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,12 @@ class Row:
     ratio: float
     goal: str  # e.g. "<= 1.3"
     met: bool | None  # None: no goal, a reference
+    spread: tuple[float, float] | None = None  # the lowest and highest ratio of single rounds
 
     def cells(self) -> list[str]:
         verdict = "—" if self.met is None else "met" if self.met else "NOT met"
-        return [self.target, self.measured, self.baseline, f"{self.ratio:.2f}", self.goal, verdict]
+        ratio = f"{self.ratio:.2f}" + (f" ({self.spread[0]:.2f}-{self.spread[1]:.2f})" if self.spread else "")
+        return [self.target, self.measured, self.baseline, ratio, self.goal, verdict]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -74,14 +77,31 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
     return statistics.median(times)
 
 
+class Timings(dict):
+    """Seconds by name: the median of its rounds' medians; ``rounds[name]`` holds those."""
+
+    def __init__(self, rounds: dict[str, list[float]]):
+        super().__init__((k, statistics.median(v)) for k, v in rounds.items())
+        self.rounds = rounds
+
+    def scaled(self, factor: float) -> Timings:
+        return Timings({k: [x * factor for x in v] for k, v in self.rounds.items()})
+
+    def spread(self, ratio: Callable[[Mapping[str, float]], float]) -> tuple[float, float]:
+        """The lowest and highest ``ratio`` of the timings of one round: how much the machine moved."""
+        count = min(len(v) for v in self.rounds.values())
+        ratios = [ratio({k: v[i] for k, v in self.rounds.items()}) for i in range(count)]
+        return min(ratios), max(ratios)
+
+
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5,
-                warmup: int = 3) -> dict[str, float]:
+                warmup: int = 3) -> Timings:
     """Medians of each fn, measured in alternating rounds so drift hits all of them alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(median_seconds(fn, max(1, repeats // rounds), warmup))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return Timings(samples)
 
 
 def _repeat(fn: Callable[[], object], times: int) -> Callable[[], None]:
@@ -236,19 +256,22 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
             if torch_step:
                 runs["torch"] = _repeat(torch_step, total_steps)
             rounds = 2 if quick else 5
-            t.update({k: v / total_steps for k, v in interleaved(runs, rounds, rounds, warmup=1).items()})
-        rows.append(Row(f"T7 batch {n}", f"step on the server {ms(t['on_server'])}",
-                        f"engine in-process {ms(t['in_process_run'])}", t["on_server"] / t["in_process_run"], "<= 1.3",
-                        t["on_server"] <= 1.3 * t["in_process_run"]))
-        if "torch" in t:
-            rows.append(Row(f"T7 batch {n} vs PyTorch", f"step on the server {ms(t['on_server'])}",
-                            f"PyTorch eager {ms(t['torch'])}", t["on_server"] / t["torch"], "< 1",
-                            t["on_server"] < t["torch"]))
-        wire = t["client_driven"] - t["in_process"]
+            r = interleaved(runs, rounds, rounds, warmup=1).scaled(1 / total_steps)
+        rows.append(Row(f"T7 batch {n}", f"step on the server {ms(r['on_server'])}",
+                        f"engine in-process {ms(r['in_process_run'])}", r["on_server"] / r["in_process_run"], "<= 1.3",
+                        r["on_server"] <= 1.3 * r["in_process_run"],
+                        r.spread(lambda x: x["on_server"] / x["in_process_run"])))
+        if "torch" in r:
+            rows.append(Row(f"T7 batch {n} vs PyTorch", f"step on the server {ms(r['on_server'])}",
+                            f"PyTorch eager {ms(r['torch'])}", r["on_server"] / r["torch"], "< 1",
+                            r["on_server"] < r["torch"], r.spread(lambda x: x["on_server"] / x["torch"])))
+
+        def wire(x: Mapping[str, float]) -> float:
+            return x["client_driven"] - x["in_process"]
         rows.append(Row(f"T2 batch {n}", f"client-driven step {ms(t['client_driven'])} "
-                                         f"(wire {ms(wire)})",
-                        f"raw echo of {(up + down) / 2**20:.2f} MiB {ms(t['echo'])}", wire / t["echo"], "<= 1.2",
-                        wire <= 1.2 * t["echo"]))
+                                         f"(wire {ms(wire(t))})",
+                        f"raw echo of {(up + down) / 2**20:.2f} MiB {ms(t['echo'])}", wire(t) / t["echo"], "<= 1.2",
+                        wire(t) <= 1.2 * t["echo"], t.spread(lambda x: wire(x) / x["echo"])))
     return rows
 
 
@@ -263,7 +286,7 @@ def reference_rows(batches: list[int], quick: bool) -> list[Row]:
         t = interleaved({"engine": lambda: backward(plan, forward(plan, batch, params), plan.params),
                          "numpy": lambda: numpy_step(batch["x"], batch["y"], params)}, 30 if quick else 300)
         rows.append(Row(f"engine batch {n}", f"forward+backward {ms(t['engine'])}", f"hand numpy {ms(t['numpy'])}",
-                        t["engine"] / t["numpy"], "", None))
+                        t["engine"] / t["numpy"], "", None, t.spread(lambda x: x["engine"] / x["numpy"])))
     return rows
 
 
@@ -274,9 +297,10 @@ def tiny_rows(client: gg.Client, unary_client: gg.Client, echo: Echo, quick: boo
         t = interleaved({"sdk": lambda: sess.forward_backward(batch), "unary": lambda: unary.forward_backward(batch),
                          "empty": lambda: echo.empty(b"", timeout=10)}, 100 if quick else 2000)
     return [Row("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
-                t["sdk"] / t["empty"], "<= 1.3", t["sdk"] <= 1.3 * t["empty"]),
+                t["sdk"] / t["empty"], "<= 1.3", t["sdk"] <= 1.3 * t["empty"], t.spread(lambda x: x["sdk"] / x["empty"])),
             Row("T3 with unary calls", f"forward_backward, call_streams=False {ms(t['unary'])}",
-                f"empty unary call {ms(t['empty'])}", t["unary"] / t["empty"], "", None)]
+                f"empty unary call {ms(t['empty'])}", t["unary"] / t["empty"], "", None,
+                t.spread(lambda x: x["unary"] / x["empty"]))]
 
 
 def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
@@ -288,7 +312,8 @@ def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
         t = interleaved({"forward": lambda: sess.forward({"x": big}), "raw": echo.moving(big.nbytes, 16)},
                         4 if quick else 60)
     return Row("T16 16 MiB input", f"Forward {ms(t['forward'])}", f"raw grpcio call {ms(t['raw'])}",
-               t["forward"] / t["raw"], "<= 1.25", t["forward"] <= 1.25 * t["raw"])
+               t["forward"] / t["raw"], "<= 1.25", t["forward"] <= 1.25 * t["raw"],
+               t.spread(lambda x: x["forward"] / x["raw"]))
 
 
 def blas_rows(quick: bool) -> list[Row]:
@@ -371,12 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += reference_rows(batches, args.quick)
     rows += blas_rows(args.quick)
     rows += other_rows(args.quick)
-    header = ["target", "measured", "baseline", "ratio", "goal", "verdict"]
+    header = ["target", "measured", "baseline", "ratio (lowest-highest round)", "goal", "verdict"]
     table = [header, ["---"] * len(header), *[r.cells() for r in rows]]
     text = "\n".join("| " + " | ".join(cells) + " |" for cells in table)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = (f"# Benchmark results\n\n`python benchmarks/run.py{' --quick' if args.quick else ''}`, {stamp}, "
-              f"one BLAS thread.\n\nMachine: {machine()}\n\n{text}\n")
+              f"one BLAS thread. Times are medians of alternating rounds; in parentheses, the lowest and "
+              f"highest ratio of a single round.\n\nMachine: {machine()}\n\n{text}\n")
     print(text)
     Path(args.out).write_text(report)
     print(f"\nwritten to {args.out}")
