@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
+import prometheus_client
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -158,6 +159,25 @@ def test_call_records_add_up_exactly_under_concurrency() -> None:
     assert s.value("gradgate_request_bytes_sum", **labels) == 64 * 2000
     assert s.value("gradgate_response_bytes_bucket", le="64.0", **labels) == 0
     assert s.value("gradgate_response_bytes_bucket", le="256.0", **labels) == 2000
+
+
+def test_created_series_follow_prometheus_clients_switch() -> None:
+    """The per-call series have the *_created samples prometheus_client's metrics have, and drop
+    them as those do after disable_created_metrics() (the CLI's choice)."""
+    metrics = Metrics()
+    method = metrics.method("/t.S/M", "unary")
+    record = RpcRecord(method, None, 10)  # type: ignore[arg-type]  # end() with a code never asks the context
+    record.end(grpc.StatusCode.NOT_FOUND)
+    created = {s.name for s in Scrape(metrics.scrape()).samples if s.name.endswith("_created")}
+    assert {"grpc_server_started_created", "grpc_server_handled_created", "grpc_server_handling_seconds_created",
+            "gradgate_request_bytes_created"} <= created
+    prometheus_client.disable_created_metrics()
+    try:
+        text = metrics.scrape()
+    finally:
+        prometheus_client.enable_created_metrics()
+    assert "_created" not in text.replace("gradgate_sessions_created", "")
+    assert Scrape(text).value("grpc_server_handled_total", grpc_code="NotFound") == 1
 
 
 def test_cache_bytes_follow_sessions_back_to_zero(server, stub) -> None:

@@ -239,7 +239,8 @@ class _MethodMetrics:
         self.started = self.received = self.sent = 0
         # Code OK exists from the start, at 0, as in go-grpc-prometheus: methods are resolved
         # when the server starts, so the first calls are an increase that rate() and alerts see.
-        self.handled: dict[str, int] = {GRPC_CODES[grpc.StatusCode.OK]: 0}
+        # Other codes appear with their first call: [count, when].
+        self.handled: dict[str, list] = {GRPC_CODES[grpc.StatusCode.OK]: [0, self.created]}
         self.seconds = _Buckets(LATENCY_BUCKETS)
         self.request_bytes, self.response_bytes = _Buckets(BYTES_BUCKETS), _Buckets(BYTES_BUCKETS)
 
@@ -263,7 +264,10 @@ class _MethodMetrics:
     def finish(self, code: grpc.StatusCode, seconds: float) -> None:
         name = GRPC_CODES[code]
         with self.lock:
-            self.handled[name] = self.handled.get(name, 0) + 1
+            count = self.handled.get(name)
+            if count is None:
+                count = self.handled[name] = [0, time.time()]
+            count[0] += 1
             self.seconds.observe(seconds)
 
 
@@ -295,21 +299,26 @@ class RpcSeries:
                                               labels=payload_labels)
         response_bytes = HistogramMetricFamily("gradgate_response_bytes", "Serialized size of each response message.",
                                                labels=payload_labels)
+        # the *_created samples prometheus_client's own metrics have, unless it was told to drop them
+        # (prometheus_client.disable_created_metrics(), as the CLI does; read where that keeps it)
+        with_created = getattr(prometheus_client.metrics, "_use_created", True)
         for m in methods:
-            labels, created = list(m.labels), m.created
+            labels = list(m.labels)
+            created = m.created if with_created else None
             with m.lock:  # one consistent reading of the method
-                counts = m.started, m.received, m.sent, dict(m.handled)
+                counts = m.started, m.received, m.sent, {code: tuple(n) for code, n in m.handled.items()}
                 histograms = m.seconds.cumulative(), m.request_bytes.cumulative(), m.response_bytes.cumulative()
             started.add_metric(labels, counts[0], created)
             received.add_metric(labels, counts[1], created)
             sent.add_metric(labels, counts[2], created)
-            for code, n in counts[3].items():
-                handled.add_metric([*labels, code], n, created)
+            for code, (n, first) in counts[3].items():
+                handled.add_metric([*labels, code], n, first if with_created else None)
             for family, (buckets, total), names in zip((handling, request_bytes, response_bytes), histograms,
                                                        (grpc_labels, payload_labels, payload_labels)):
                 values = labels[-len(names):]
                 family.add_metric(values, buckets, total)
-                family.add_sample(f"{family.name}_created", dict(zip(names, values)), created)  # as Histogram has
+                if created is not None:  # HistogramMetricFamily takes no created time: the sample Histogram has
+                    family.add_sample(f"{family.name}_created", dict(zip(names, values)), created)
         return [started, handled, handling, received, sent, request_bytes, response_bytes]
 
 
