@@ -114,7 +114,8 @@ def test_state_budgets_cover_parameters() -> None:
 def test_parameters_never_pin_a_bigger_request() -> None:
     """Parameters that arrive with a big batch are views into that request's bytes; the session
     keeps copies, so what it holds is what it counts. Parameters that are most of their
-    request stay views (no copy on the hot path of a client-driven loop)."""
+    request stay views (no copy on the hot path of a client-driven loop), until some of them
+    are replaced and the rest would pin the request alone."""
     g = gg.Graph("float64")
     x = g.input("x", (None, 1000))
     w, v = g.param("w", (1000,)), g.param("v", (1000,))
@@ -133,6 +134,11 @@ def test_parameters_never_pin_a_bigger_request() -> None:
         assert isinstance(request, bytes) and 24000 < len(request) < 2 * 16000 + 4096  # the request itself
         assert buffer_of(held["v"]) is request
         np.testing.assert_array_equal(held["w"], 3.0)
+
+        sess.set_params({"w": np.full(1000, 4.0)})  # w replaced: v alone would pin the whole request
+        held = server.store._sessions[sess.id].params
+        assert getattr(buffer_of(held["v"]), "nbytes", None) == 8000
+        np.testing.assert_array_equal(held["v"], 1.0)
 
 
 def buffer_of(a: np.ndarray) -> object:

@@ -30,17 +30,24 @@ KEEP: Any = object()  # commit(): leave this part of the session as it is
 def owned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` such that they keep no buffer alive that is more than about twice their own
     size: zero-copy views into a request that also carried a big batch are copied out, so a
-    session holds about what it counts; views that are most of their request stay views."""
-    views: dict[int, tuple[Any, list[str]]] = {}  # id of the buffer viewed -> it, and the names viewing it
+    session holds about what it counts; views that are most of their request stay views.
+    Pass every array the session will hold (e.g. the merged dict), so that views left over
+    from an earlier request are judged again when others of that request are replaced."""
+    views: dict[int, tuple[Any, dict[int, int], list[str]]] = {}  # buffer id -> it, its views' sizes, names
     for name, a in arrays.items():
         base = a
         while isinstance(base, np.ndarray) and base.base is not None:
             base = base.base
-        views.setdefault(id(base), (base, []))[1].append(name)
+        _, sizes, names = views.setdefault(id(base), (base, {}, []))
+        sizes[id(a)] = a.nbytes  # an array under two names counts once
+        names.append(name)
     out = dict(arrays)
-    for base, names in views.values():
-        held = len(base) if isinstance(base, (bytes, memoryview)) else getattr(base, "nbytes", 0)
-        if held > 2 * sum(arrays[n].nbytes for n in names) + 4096:
+    for base, sizes, names in views.values():
+        try:
+            held = memoryview(base).nbytes
+        except TypeError:  # not a buffer: nothing more is held than the arrays themselves
+            continue
+        if held > 2 * sum(sizes.values()) + 4096:
             out.update((n, arrays[n].copy()) for n in names)
     return out
 
@@ -181,8 +188,8 @@ class SessionStore:
         ``params`` and ``buffers`` update the named entries; ``tape`` replaces the cached
         forward (None drops it), and gets the next forward id. ``reserved``: what the
         upload committing ``data`` reserved, which its data now takes the place of."""
-        new_params = {**session.params, **owned(params)} if params else session.params
-        new_buffers = {**session.buffers, **owned(buffers)} if buffers else session.buffers
+        new_params = owned({**session.params, **params}) if params else session.params
+        new_buffers = owned({**session.buffers, **buffers}) if buffers else session.buffers
         new_data = session.data if data is KEEP else data
         new_extra = session.extra_bytes if extra_bytes is KEEP else extra_bytes
         state = nbytes(new_params.values(), new_buffers.values(), new_data.values()) + new_extra + session.plan_bytes
