@@ -256,14 +256,14 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
             up = sum(a.nbytes for a in batch.values()) + sum(a.nbytes for a in init.values())
             down = sum(a.nbytes for a in init.values())
             torch_step = torch_training_step(batch, init) if n == 256 else None
+            rounds = 2 if quick else 9  # a median of many: single rounds here move by 1.5x on this machine
             t = interleaved({"in_process": in_process, "client_driven": client_driven, "echo": echo.moving(up, down)},
-                            max(6, steps // 2), rounds=2 if quick else 5)
+                            max(6, steps // 2), rounds)
             # a whole Train stream against as many local steps, alternating, so all see the same machine
             total_steps = epochs * (len(data["y"]) // n)
             runs = {"on_server": on_server, "in_process_run": _repeat(in_process, total_steps)}
             if torch_step:
                 runs["torch"] = _repeat(torch_step, total_steps)
-            rounds = 2 if quick else 5
             r = interleaved(runs, rounds, rounds, warmup=1).scaled(1 / total_steps)
         rows.append(Row.of(f"T7 batch {n}", f"step on the server {ms(r['on_server'])}",
                            f"engine in-process {ms(r['in_process_run'])}",
