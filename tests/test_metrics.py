@@ -168,14 +168,16 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
     method = metrics.method("/t.S/M", "unary")
     record = RpcRecord(method, None, 10)  # type: ignore[arg-type]  # end() with a code never asks the context
     record.end(grpc.StatusCode.NOT_FOUND)
-    created = {s.name for s in Scrape(metrics.scrape()).samples if s.name.endswith("_created")}
-    assert {"grpc_server_started_created", "grpc_server_handled_created", "grpc_server_handling_seconds_created",
-            "gradgate_request_bytes_created"} <= created
-    prometheus_client.disable_created_metrics()
+    was_on = getattr(prometheus_client.metrics, "_use_created", True)  # a process-wide switch: put back after
     try:
+        prometheus_client.enable_created_metrics()
+        created = {s.name for s in Scrape(metrics.scrape()).samples if s.name.endswith("_created")}
+        prometheus_client.disable_created_metrics()
         text = metrics.scrape()
     finally:
-        prometheus_client.enable_created_metrics()
+        (prometheus_client.enable_created_metrics if was_on else prometheus_client.disable_created_metrics)()
+    assert {"grpc_server_started_created", "grpc_server_handled_created", "grpc_server_handling_seconds_created",
+            "gradgate_request_bytes_created"} <= created
     assert "_created" not in text.replace("gradgate_sessions_created", "")
     assert Scrape(text).value("grpc_server_handled_total", grpc_code="NotFound") == 1
 
