@@ -129,15 +129,18 @@ class Metrics:
             timer(seconds)
         return observe
 
-    def examples_processed(self, n: int) -> None:
-        self.examples.inc(n)
+    def forward_ran(self, examples: int, loss: float) -> None:
+        """A forward over ``examples`` batch rows gave ``loss`` (counted as non-finite if it is)."""
+        self.examples.inc(examples)
+        if not math.isfinite(loss):
+            self.nonfinite.labels("loss").inc()
 
     def gradient_check(self, passed: bool) -> None:
         """Call once per gradient check run (the GradientCheck RPC)."""
         self.gradient_checks.labels("pass" if passed else "fail").inc()
 
     def check_finite(self, kind: str, values: Iterable[np.ndarray]) -> None:
-        """Count NaN/Inf among the arrays ``values`` (a loss: check_loss); ``kind`` labels them."""
+        """Count NaN/Inf among the arrays ``values`` (a loss: forward_ran); ``kind`` labels them."""
         bad, small = 0, []
         with np.errstate(all="ignore"):  # huge finite values: counted below, not warned about
             for v in values:
@@ -153,11 +156,6 @@ class Metrics:
                     bad += together.size - int(np.count_nonzero(np.isfinite(together)))
         if bad:
             self.nonfinite.labels(kind).inc(bad)
-
-    def check_loss(self, loss: float) -> None:
-        """check_finite for one loss: the per-call case, without numpy."""
-        if not math.isfinite(loss):
-            self.nonfinite.labels("loss").inc()
 
     # -- the metrics endpoint ------------------------------------------------------
 

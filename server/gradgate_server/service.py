@@ -77,10 +77,6 @@ class GradientService:
         return ({plan.names[s]: grads[plan.names[s]] for s in plan.params},
                 {plan.names[s]: grads[plan.names[s]] for s in inputs})
 
-    def _ran(self, tape: Tape) -> None:
-        self.metrics.examples_processed(tape.batch_size)
-        self.metrics.check_loss(tape.loss)
-
     # -- RPCs ----------------------------------------------------------------
 
     def CreateSession(self, call: Call) -> bytes:
@@ -104,7 +100,7 @@ class GradientService:
                                outputs=self._outputs(session.plan, tape, call.msg.outputs),
                                buffers=self._buffers(session, tape))
             self.store.commit(session, params=params, buffers=tape.updates, tape=tape)
-        self._ran(tape)
+        self.metrics.forward_ran(tape.batch_size, tape.loss)
         return reply
 
     def Backward(self, call: Call) -> bytes:
@@ -121,7 +117,7 @@ class GradientService:
                                outputs=self._outputs(session.plan, tape, call.msg.outputs),
                                param_grads=param_grads, input_grads=input_grads, buffers=self._buffers(session, tape))
             self.store.commit(session, params=params, buffers=tape.updates, tape=tape)
-        self._ran(tape)
+        self.metrics.forward_ran(tape.batch_size, tape.loss)
         return reply
 
     def SetParameters(self, call: Call) -> bytes:

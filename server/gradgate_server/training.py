@@ -189,8 +189,7 @@ class Training:
             with np.errstate(all="ignore"):  # a diverging run gives NaN losses, not warnings on stderr
                 params = optimizer.step(session.params, grads)
             self.store.commit(session, params=params, buffers=tape.updates, tape=None)
-        self.metrics.examples_processed(tape.batch_size)
-        self.metrics.check_loss(tape.loss)
+        self.metrics.forward_ran(tape.batch_size, tape.loss)
         return tape.loss
 
     def _sync(self, first: Call, session_id: str, step: int, optimizer: optim.SGD | optim.Adam,
