@@ -20,7 +20,8 @@ Targets (issue 7):
       measured as unary calls, for reference) <= 1.3 x an empty unary call
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
-modules, when present) the convnet step against PyTorch and 2 replicas against 1.
+modules, when present) the convnet step against PyTorch, 2 replicas against 1, and a
+server process on one core (--cpus) against one free to use any.
 """
 from __future__ import annotations
 
@@ -348,18 +349,22 @@ def blas_rows(quick: bool) -> list[Row]:
 
 
 def other_rows(quick: bool) -> list[Row]:
-    """Benchmarks of other modules, when they exist: convnet_step.py and replicas.py."""
+    """Benchmarks of other modules, when they exist: convnet_step.py, replicas.py, pinning.py."""
     rows = []
-    for module, make in (("convnet_step", lambda m: Row(
-            "convnet step", f"engine {m['engine_ms']:.3f} ms", f"PyTorch eager {m['torch_ms']:.3f} ms", m["ratio"],
-            "", None)), ("replicas", lambda m: Row(
-            "2 replicas", f"{m['two_replicas_steps_per_s']:.0f} steps/s",
-            f"1 replica {m['one_replica_steps_per_s']:.0f} steps/s", m["ratio"], ">= 1.8", m["ratio"] >= 1.8))):
+    for module, make in (
+            ("convnet_step", lambda m: [Row("convnet step", f"engine {m['engine_ms']:.3f} ms",
+                                            f"PyTorch eager {m['torch_ms']:.3f} ms", m["ratio"], "", None)]),
+            ("replicas", lambda m: [Row("2 replicas", f"{m['two_replicas_steps_per_s']:.0f} steps/s",
+                                        f"1 replica {m['one_replica_steps_per_s']:.0f} steps/s", m["ratio"],
+                                        ">= 1.8", m["ratio"] >= 1.8)]),
+            ("pinning", lambda m: [Row(f"server on one core, {what}", f"--cpus {m[f'{kind}_pinned_ms']:.3f} ms",
+                                       f"any core {m[f'{kind}_free_ms']:.3f} ms", m[f"{kind}_ratio"], "", None)
+                                   for kind, what in (("small", "T3's call"), ("step", "T2's batch-1 step"))])):
         try:
             measure = importlib.import_module(module).measure
         except (ImportError, AttributeError):
             continue
-        rows.append(make(measure(quick)))
+        rows += make(measure(quick))
     return rows
 
 

@@ -15,7 +15,8 @@ import pytest
 
 import gradgate as gg
 from gradgate.cli import two_layer_net
-from gradgate_server.replicas import cores, main
+from gradgate_server import cpus
+from gradgate_server.replicas import cores, main, start
 
 from obs import Scrape, free_port, wait_for
 
@@ -32,6 +33,13 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def pinned_to(pid: int) -> set[int]:
+    """The CPUs every thread of ``pid`` may run on (all threads alike, or the assert says so)."""
+    masks = {frozenset(os.sched_getaffinity(int(t.name))) for t in Path(f"/proc/{pid}/task").iterdir()}
+    assert len(masks) == 1, masks
+    return set(masks.pop())
+
+
 def test_replicas_command_serves_restarts_and_stops() -> None:
     port = free_port()  # consecutive ports from here; 2 replicas
     command = [sys.executable, "-m", "gradgate_server.replicas", "-n", "2", "--port", str(port),
@@ -44,6 +52,9 @@ def test_replicas_command_serves_restarts_and_stops() -> None:
         assert addresses == f"127.0.0.1:{port},127.0.0.1:{port + 1}", "".join(err)
         pids = children(proc.pid)
         assert len(pids) == 2
+        available = cpus.available()  # each replica on a core of its own, round robin over these
+        cores_of = [pinned_to(p) for p in pids]
+        assert sorted(map(sorted, cores_of)) == sorted([[available[0]], [available[1 % len(available)]]])
         metrics = [json.loads(line)["metrics_address"] for line in err if '"listening"' in line]
         assert len(set(metrics)) == 2  # each replica its own /metrics
         X, y = gg.spiral(n_per_class=10)
@@ -59,6 +70,8 @@ def test_replicas_command_serves_restarts_and_stops() -> None:
                                  timeout=30, what="the replacement replica to listen")
             assert listening in ([f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"])  # where the killed one was
             assert len(children(proc.pid)) == 2 and children(proc.pid) != pids
+            replacement = (set(children(proc.pid)) - set(pids)).pop()
+            assert pinned_to(replacement) == cores_of[0]  # on the core of the one it replaces
             for sess in sessions:  # every session answers again; the lost ones were re-created
                 assert sess.forward({"x": X, "y": y}).loss > 0
     finally:
@@ -67,6 +80,15 @@ def test_replicas_command_serves_restarts_and_stops() -> None:
     assert code == 0, "".join(err[-20:])
     assert sum('"stopped after draining' in line for line in err) == 2
     assert all(not Path(f"/proc/{p}").exists() for p in children(proc.pid))
+
+
+def test_replicas_run_anywhere_with_no_pin() -> None:
+    servers = start(1, port=0, metrics_port=-1, pin=False)
+    try:
+        assert "--cpus" not in servers[0].args
+        assert pinned_to(servers[0].pid) == set(cpus.available())
+    finally:
+        servers[0].terminate()
 
 
 def test_replicas_command_rejects_bad_flags_before_starting_anything(capsys) -> None:

@@ -7,7 +7,6 @@ import gc
 import importlib.metadata
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -23,7 +22,7 @@ import gradgate
 from gradgate.memory import release_memory, tune_malloc
 from gradgate.v1 import gradient_service_pb2
 
-from . import auth
+from . import auth, cpus
 from .config import Config
 from .health import HealthServicer
 from .logs import configure_logging
@@ -109,6 +108,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     credentials = auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     authenticator = auth.authenticator(config.auth_tokens, config.tls_client_ca)
     tune_malloc()  # megabyte messages: reuse heap buffers instead of page-faulting fresh mmaps
+    if config.cpus:  # before grpc starts its threads, which then run there too
+        cpus.pin(config.cpus)
     if config.blas_threads:
         limit_blas(config.blas_threads, config.max_workers)
     metrics = Metrics(version(), config.cache_bytes)
@@ -157,9 +158,10 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
 
 def limit_blas(threads: int, max_workers: int) -> int:
     """Size BLAS's thread pool for a server that runs up to ``max_workers`` calls at once:
-    ``threads``, or with -1 cores // max_workers (at least 1). Returns the size set."""
+    ``threads``, or with -1 cores // max_workers (at least 1), counting the cores this process
+    may run on (--cpus, a container's cpuset). Returns the size set."""
     if threads < 0:
-        threads = max(1, (os.cpu_count() or 1) // max_workers)
+        threads = max(1, len(cpus.available()) // max_workers)
     threadpoolctl.threadpool_limits(threads, user_api="blas")
     return threads
 

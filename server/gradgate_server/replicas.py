@@ -2,7 +2,8 @@
 
 One server process computes on one core (Python's GIL), so a machine with N cores
 serves N times the steps with N replicas. This starts them as child processes
-(``python -m gradgate_server``, one BLAS thread each), prints the address list for
+(``python -m gradgate_server``, one BLAS thread each, each on a core of its own:
+``--cpus``, see cpus.py), prints the address list for
 ``gg.connect`` on stdout, forwards their JSON log lines to stderr, restarts a replica
 that dies (on the same port), and stops them all on SIGTERM/SIGINT.
 """
@@ -20,6 +21,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import IO
 
+from . import cpus
 from .app import parse_args
 
 READY_SECONDS = 60.0  # a replica that has not said where it listens by then failed to start
@@ -29,16 +31,19 @@ ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", 
 
 def cores() -> int:
     """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(cpus.available())
 
 
 class Replica:
     """One server process. ``address``/``metrics_address`` are what it bound; its stderr
-    lines are kept in ``lines`` and copied to ``sink`` (None: kept only)."""
+    lines are kept in ``lines`` and copied to ``sink`` (None: kept only). ``cpu``: the one
+    it runs on (None: any)."""
 
     def __init__(self, host: str, port: int, metrics_port: int, args: Sequence[str] = (),
-                 sink: IO[str] | None = None):
+                 sink: IO[str] | None = None, cpu: int | None = None):
         self.host, self.port, self.metrics_port, self.args, self.sink = host, port, metrics_port, list(args), sink
+        if cpu is not None:
+            self.args += ["--cpus", str(cpu)]
         self.lines: deque[str] = deque(maxlen=100_000)  # the latest log lines
         self.address = ""
         self.metrics_address: str | None = None
@@ -100,14 +105,16 @@ class Replica:
 
 
 def start(n: int, host: str = "127.0.0.1", port: int = 50051, metrics_port: int = 9464, args: Sequence[str] = (),
-          sink: IO[str] | None = None) -> list[Replica]:
+          sink: IO[str] | None = None, pin: bool = True) -> list[Replica]:
     """Start ``n`` replicas on ports ``port``, ``port + 1``, ... (0: each picks a free one) and
-    metrics ports likewise (-1: off); returns them listening."""
+    metrics ports likewise (-1: off); returns them listening. ``pin``: replica i runs on the
+    i-th available core (round robin), unless ``args`` choose ``--cpus`` themselves."""
     replicas: list[Replica] = []
+    own = cpus.available() if pin and hasattr(os, "sched_setaffinity") and not _names_cpus(args) else []
     try:
         for i in range(n):  # all start at once, each on its own core
             replicas.append(Replica(host, port and port + i, metrics_port + i if metrics_port > 0 else metrics_port,
-                                    args, sink))
+                                    args, sink, own[i % len(own)] if own else None))
         for r in replicas:
             r.wait_ready()
     except BaseException:
@@ -115,6 +122,10 @@ def start(n: int, host: str = "127.0.0.1", port: int = 50051, metrics_port: int 
             r.kill()
         raise
     return replicas
+
+
+def _names_cpus(args: Sequence[str]) -> bool:
+    return any(a == "--cpus" or a.startswith("--cpus=") for a in args)
 
 
 def stop(replicas: Sequence[Replica], timeout: float) -> list[int]:
@@ -142,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="first gRPC port (default 50051; 0 = any free ports)")
     p.add_argument("--metrics-port", type=int, default=9464,
                    help="first Prometheus port (default 9464; 0 = any free ports, -1 = off)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="run replica i on the i-th core only, so each keeps its threads on one core's caches "
+                        "(default; Linux; --cpus among the server flags overrides it)")
     p.add_argument("--restart-delay", type=float, default=1.0, help="seconds before a replica that died is restarted")
     args, server_args = p.parse_known_args(argv)
     if args.replicas < 1:
@@ -152,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        replicas = start(args.replicas, args.host, args.port, args.metrics_port, server_args, sys.stderr)
+        replicas = start(args.replicas, args.host, args.port, args.metrics_port, server_args, sys.stderr, args.pin)
     except RuntimeError as e:
         print(f"gradgate-replicas: {e}", file=sys.stderr)
         return 1
