@@ -199,12 +199,13 @@ def test_memory_goes_back_to_the_os_after_a_thousand_sessions() -> None:
 
 
 def test_health_answers_while_every_compute_thread_is_busy() -> None:
-    """As many slow Forwards as RPC threads: health Check still answers within 100 ms."""
+    """As many slow Forwards as RPC threads: health Check still answers within 100 ms.
+    The forwards are long enough (120 matmuls of 400x400) to outlast the checks on a fast machine too."""
     width = 400
     with serve("127.0.0.1:0", Config(max_workers=4)) as server, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GradientServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        sids = [stub.CreateSession(create_request(chain_graph(30, width), chain_params(width)), timeout=10).session_id
+        sids = [stub.CreateSession(create_request(chain_graph(120, width), chain_params(width)), timeout=10).session_id
                 for _ in range(4)]
         X = np.random.default_rng(0).normal(size=(400, width))
         busy = [stub.Forward.future(forward_request(sid, {"x": X}), timeout=60) for sid in sids]
