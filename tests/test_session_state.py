@@ -208,6 +208,7 @@ def test_health_answers_while_every_compute_thread_is_busy() -> None:
         sids = [stub.CreateSession(create_request(chain_graph(120, width), chain_params(width)), timeout=10).session_id
                 for _ in range(4)]
         X = np.random.default_rng(0).normal(size=(400, width))
+        health.Check(health_pb2.HealthCheckRequest(), timeout=5)  # its pool's first thread starts now, not under load
         busy = [stub.Forward.future(forward_request(sid, {"x": X}), timeout=60) for sid in sids]
         time.sleep(0.3)
         assert not any(f.done() for f in busy), "the forwards finished too fast to occupy the threads"
