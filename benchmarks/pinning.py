@@ -39,7 +39,7 @@ def measure(quick: bool = False) -> dict[str, float]:
             small, step = client.session(g, params), client.session(mlp, gg.init_params(mlp, seed=0))
             closing += [small, step, client]
             calls[f"small_{name}"] = lambda s=small: s.forward_backward(batch)
-            calls[f"step_{name}"] = _step(step, data)
+            calls[f"step_{name}"] = run.client_driven_step(step, data)
         t = run.interleaved(calls, 200 if quick else 2000, 3 if quick else 9)
         for c in closing:
             c.close()
@@ -52,16 +52,6 @@ def measure(quick: bool = False) -> dict[str, float]:
         out |= {f"{kind}_pinned_ms": t[f"{kind}_pinned"] * 1e3, f"{kind}_free_ms": t[f"{kind}_free"] * 1e3,
                 f"{kind}_ratio": statistics.median(ratios)}
     return out
-
-
-def _step(sess: gg.Session, batch: dict) -> object:
-    params, opt = sess.get_params(), gg.optim.Adam(1e-3)
-
-    def step() -> None:
-        nonlocal params
-        _, grads = sess.forward_backward(batch, params=params)
-        params = opt.step(params, grads)
-    return step
 
 
 if __name__ == "__main__":

@@ -187,6 +187,17 @@ def torch_training_step(batch: dict[str, np.ndarray], params: dict[str, np.ndarr
     return step
 
 
+def client_driven_step(sess: gg.Session, batch: dict[str, np.ndarray]) -> Callable[[], None]:
+    """gg.train's client-driven step: ForwardBackward with the parameters pushed, then Adam here."""
+    params, opt = sess.get_params(), gg.optim.Adam(1e-3)
+
+    def step() -> None:
+        nonlocal params
+        _, grads = sess.forward_backward(batch, params=params)
+        params = opt.step(params, grads)
+    return step
+
+
 # -- raw grpcio baselines ------------------------------------------------------------------
 
 class Echo:
@@ -239,13 +250,7 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
             local_params = local_opt.step(local_params, backward(plan, tape, plan.params))
 
         with client.session(g, init) as sess:
-            remote_params, remote_opt = sess.get_params(), gg.optim.Adam(1e-3)
-
-            def client_driven() -> None:
-                nonlocal remote_params
-                _, grads = sess.forward_backward(batch, params=remote_params)
-                remote_params = remote_opt.step(remote_params, grads)
-
+            client_driven = client_driven_step(sess, batch)
             sess.upload(data)
             server_opt = gg.optim.Adam(1e-3)
             epochs = max(1, steps * n // len(data["y"]))

@@ -41,10 +41,11 @@ def pin(spec: str) -> set[int]:
     cpus = parse(spec)
     if not hasattr(os, "sched_setaffinity"):
         raise ValueError("--cpus needs Linux (sched_setaffinity)")
-    unavailable = cpus - set(available())
+    allowed = available()
+    unavailable = cpus - set(allowed)
     if unavailable:
         raise ValueError(f"--cpus {spec!r}: CPU(s) {sorted(unavailable)} are not available to this process "
-                         f"(available: {available()})")
+                         f"(available: {allowed})")
     for tid in os.listdir("/proc/self/task"):  # threads started already (BLAS's, say) too
         try:
             os.sched_setaffinity(int(tid), cpus)
