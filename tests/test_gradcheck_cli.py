@@ -112,25 +112,29 @@ def test_real_subprocess() -> None:
 
 
 def slow_case() -> object:
-    """A case that takes about half a second on this machine."""
+    """A case that takes a few tenths of a second on this machine (many scrapes of /metrics long)."""
     from cluster import tanh_chain
 
-    g, params = tanh_chain(4, 256)
+    g, params = tanh_chain(24, 256)
     x = np.random.default_rng(1).normal(size=(128, 256))
     return make_case("slow", g, params, {"x": x}, mode="sparse", num_checks=10)
 
 
 def test_cases_of_a_server_that_dies_mid_job_go_to_the_others() -> None:
-    from cluster import metric, replicas
-    from obs import wait_for
+    from cluster import replicas
+    from obs import Scrape, wait_for
 
     cases = [("slow", slow_case())] * 6 + [(p, load_case(p)) for p in PASSING]
     with replicas(3) as reps:
         victim = reps[1]
 
         def kill_during_its_first_case() -> None:
-            wait_for(lambda: metric(victim, "grpc_server_started_total", grpc_method="GradientCheck") == 1,
-                     interval=0.005, what="the victim to start a case")
+            def in_flight() -> bool:  # from one scrape: started and not yet handled
+                scrape = Scrape.of(victim.metrics_address)
+                return (scrape.value("grpc_server_started_total", grpc_method="GradientCheck")
+                        > scrape.value("grpc_server_handled_total", grpc_method="GradientCheck"))
+
+            wait_for(in_flight, interval=0.005, what="the victim to have a case in flight")
             victim.kill()
 
         killer = threading.Thread(target=kill_during_its_first_case)
