@@ -17,7 +17,8 @@ Targets (issue 7):
   T2  a client-driven step (gg.train's ForwardBackward with the parameters, then Adam) <=
       the in-process step + 1.2 x a raw grpcio echo of the same bytes in one call
   T3  the lecture's 3-4-4-1 net, forward_backward through the SDK (over its stream of calls; also
-      measured as unary calls, for reference) <= 1.3 x an empty unary call
+      measured as unary calls, for reference) <= 1.3 x an empty unary call; for reference, its
+      forward and backward as two calls over the stream against two unary calls
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
 modules, when present) the convnet step against PyTorch, 2 replicas against 1, and a
@@ -302,15 +303,23 @@ def reference_rows(batches: list[int], quick: bool) -> list[Row]:
 
 
 def tiny_rows(client: gg.Client, unary_client: gg.Client, echo: Echo, quick: bool) -> list[Row]:
-    """T3, with the SDK's stream of calls (its default) and, for reference, with unary calls."""
+    """T3, with the SDK's stream of calls (its default) and, for reference, with unary calls;
+    and the same net's forward and backward as two calls, both ways."""
     g, params, batch = lecture_net()
+
+    def two_calls(sess: gg.Session) -> Callable[[], object]:
+        return lambda: (sess.forward(batch), sess.backward())
+
     with client.session(g, params) as sess, unary_client.session(g, params) as unary:
         t = interleaved({"sdk": lambda: sess.forward_backward(batch), "unary": lambda: unary.forward_backward(batch),
+                         "two": two_calls(sess), "two_unary": two_calls(unary),
                          "empty": lambda: echo.empty(b"", timeout=10)}, 100 if quick else 2000)
     return [Row.of("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
                    t.ratio(lambda x: x["sdk"] / x["empty"]), "<= 1.3", lambda v: v <= 1.3),
             Row.of("T3 with unary calls", f"forward_backward, call_streams=False {ms(t['unary'])}",
-                   f"empty unary call {ms(t['empty'])}", t.ratio(lambda x: x["unary"] / x["empty"]))]
+                   f"empty unary call {ms(t['empty'])}", t.ratio(lambda x: x["unary"] / x["empty"])),
+            Row.of("3-4-4-1 net, forward + backward", f"two calls over the CallStream {ms(t['two'])}",
+                   f"two unary calls {ms(t['two_unary'])}", t.ratio(lambda x: x["two"] / x["two_unary"]))]
 
 
 def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:

@@ -29,7 +29,7 @@ from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import Config, serve
 from gradgate_server.auth import ANONYMOUS, Authenticator, Principal, load_tokens, principal
 from gradgate_server.metrics import Metrics
-from gradgate_server.rpc import SERVICE, gradient_service_handlers
+from gradgate_server.rpc import SERVICE, CallStreams, gradient_service_handlers
 
 from procs import ServerProcess
 from test_server_e2e import batch, create, forward_request
@@ -180,6 +180,11 @@ def test_a_session_is_not_found_for_every_other_principal(token_server) -> None:
             # exactly what an id that never existed gets, apart from the id itself
             assert details.replace(sid[:8], "?") == code_of(getattr(bob, method), same_for_unknown)[1].replace(
                 unknown[:8], "?"), method
+        # nor over a CallStream: the same answer as the unary call, ending the stream
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(bob.CallStream(iter([pb.StreamCall(forward=forward_request(sid, batch()))]), timeout=10))
+        assert streamed.value.code() == Code.NOT_FOUND
+        assert streamed.value.details() == code_of(bob.Forward, forward_request(sid, batch()))[1]
         # bob changed nothing: same parameters, and the cached forward is still there
         got = codec.from_tensor(alice.GetParameters(pb.GetParametersRequest(session_id=sid)).params["W"])
         np.testing.assert_array_equal(got, W)
@@ -220,7 +225,8 @@ def test_the_principal_is_the_calls_own(tmp_path) -> None:
             for _ in calls:
                 yield principal().encode()
 
-    handlers = gradient_service_handlers(Probe(), Metrics(), 2**20, 1000, authenticate)
+    handlers = gradient_service_handlers(Probe(), Metrics(), 2**20, 1000, authenticate,
+                                         call_streams=CallStreams(16, 60.0))  # a slot for every thread below
     server = grpc.server(futures.ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -230,12 +236,15 @@ def test_the_principal_is_the_calls_own(tmp_path) -> None:
             unary = channel.unary_unary(f"/{SERVICE.full_name}/ListOps")
             upload = channel.stream_unary(f"/{SERVICE.full_name}/UploadData")
             train = channel.stream_stream(f"/{SERVICE.full_name}/Train")
+            calls = channel.stream_stream(f"/{SERVICE.full_name}/CallStream")
+            forward = codec.encode_within(1, pb.ForwardRequest())
 
             def one(i: int) -> None:
                 user, md = f"user{i % 8}", [("authorization", f"Bearer t{i % 8}")]
                 assert json.loads(unary(b"", metadata=md, timeout=10))[0] == user
                 assert json.loads(upload(iter([b""] * 3), metadata=md, timeout=10)) == [user] * 3
                 assert list(train(iter([b""] * 3), metadata=md, timeout=10)) == [user.encode()] * 3
+                assert [json.loads(a)[0] for a in calls(iter([forward] * 3), metadata=md, timeout=10)] == [user] * 3
             with futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(one, range(300)))
             with pytest.raises(grpc.RpcError) as e:

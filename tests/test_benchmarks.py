@@ -17,7 +17,7 @@ def test_benchmark_quick_mode_writes_every_target(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
     for target in ("T7 batch 1 ", "T7 batch 256 ", "T2 batch 1 ", "T2 batch 256 ", "T3 3-4-4-1 net",
-                   "T16 16 MiB input", "BLAS threads", "engine batch 256", "2 replicas",
+                   "3-4-4-1 net, forward + backward", "T16 16 MiB input", "BLAS threads", "engine batch 256", "2 replicas",
                    "server on one core, T3's call", "server on one core, T2's batch-1 step"):
         assert f"| {target}" in report, target
     assert "Machine: " in report and "numpy " in report

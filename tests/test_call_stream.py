@@ -1,5 +1,5 @@
-"""forward_backward over ForwardBackwardStream (gradgate.call_stream), against a real server
-on 127.0.0.1, read back from its /metrics."""
+"""A session's calls over its CallStream (gradgate.call_stream), against a real server on
+127.0.0.1, read back from its /metrics."""
 from __future__ import annotations
 
 import gc
@@ -9,19 +9,26 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
 from gradgate_server import Config, Server, serve
+from gradgate_server.metrics import Metrics
+from gradgate_server.rpc import gradient_service_handlers
+from gradgate_server.service import GradientService
+from gradgate_server.sessions import SessionStore
 
 import gradgate as gg
 from gradgate import GradgateError
+from gradgate.call_stream import CARRIED
+from gradgate.v1 import gradient_service_pb2 as pb
 
 from obs import GRADIENT_SERVICE, Scrape, wait_for
 
-STREAM = "ForwardBackwardStream"
+STREAM = "CallStream"
 
 
 @contextmanager
@@ -39,8 +46,9 @@ def streamed_calls(server: Server) -> float:
 
 
 def unary_calls(server: Server) -> float:
-    """ForwardBackward calls that came unary: every call counts as a ForwardBackward call."""
-    return count(server, "grpc_server_handled_total", "ForwardBackward") - streamed_calls(server)
+    """Calls of the methods a CallStream carries that came unary: every call counts as a call
+    of its method, whichever way it came."""
+    return sum(count(server, "grpc_server_handled_total", method) for method in CARRIED) - streamed_calls(server)
 
 
 def ended(server: Server) -> float:
@@ -84,6 +92,79 @@ def test_the_lecture_numbers_over_the_stream() -> None:
         assert count(server, "grpc_server_started_total", STREAM) == 1  # one stream carried all three
 
 
+def test_forward_then_backward_over_one_stream() -> None:
+    """The lecture's two passes as two calls: both travel over the session's one stream."""
+    with served() as server, gg.connect(server.address) as client, client.session(lecture(), POINT) as sess:
+        for _ in range(3):
+            assert sess.forward({"x": np.array([-2.0])}).loss == -12.0
+            assert {k: float(v) for k, v in sess.backward().items()} == {"y": -4.0, "z": 3.0}
+        assert streamed_calls(server) == 6
+        assert unary_calls(server) == 0
+        assert count(server, "grpc_server_started_total", STREAM) == 1
+        assert count(server, "grpc_server_handled_total", "Forward", grpc_code="OK") == 3
+        assert count(server, "grpc_server_handled_total", "Backward", grpc_code="OK") == 3
+
+
+def test_every_carried_call_answers_as_its_unary_call() -> None:
+    g = mlp()
+    params = gg.init_params(g, seed=4)
+    with served() as server, gg.connect(server.address) as streaming, \
+            gg.connect(server.address, call_streams=False) as unary, \
+            streaming.session(g, params) as a, unary.session(g, params) as b:
+        for step in range(3):
+            fa, fb = (s.forward(batch(step), outputs=["x", "W1"], train=step != 1) for s in (a, b))
+            assert fa.loss == fb.loss and fa.outputs.keys() == fb.outputs.keys() == {"x", "W1"}
+            for k in fa.outputs:
+                np.testing.assert_array_equal(fa.outputs[k], fb.outputs[k])
+            ga, gb = a.backward(inputs=True), b.backward(inputs=True)
+            assert ga.keys() == gb.keys() == {"W1", "W2", "x"}
+            for k in ga:
+                np.testing.assert_array_equal(ga[k], gb[k])
+            new = {k: v - 0.1 * ga[k] for k, v in a.get_params().items()}
+            a.set_params(new)
+            b.set_params(new)
+        final_a, final_b = a.get_params(), b.get_params()
+        assert final_a.keys() == final_b.keys() == {"W1", "W2"}
+        assert all(np.array_equal(final_a[k], final_b[k]) for k in final_a)
+        assert streamed_calls(server) == 3 * 4 + 1  # forward, backward, get_params and set_params: a's
+        assert unary_calls(server) == 3 * 3 + 1  # b's
+
+
+def test_a_failed_backward_on_the_stream_is_its_unary_error() -> None:
+    with served() as server, gg.connect(server.address) as client, client.session(lecture(), POINT) as sess:
+        with pytest.raises(GradgateError) as no_forward:
+            sess.backward()
+        assert no_forward.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "forward" in no_forward.value.message
+        assert sess.forward({"x": np.array([-2.0])}).loss == -12.0
+        assert float(sess.backward()["z"]) == 3.0
+        assert count(server, "grpc_server_handled_total", "Backward", grpc_code="FailedPrecondition") == 1
+        assert count(server, "grpc_server_started_total", STREAM) == 2 and unary_calls(server) == 0
+
+
+def test_any_protobuf_client_can_use_the_stream() -> None:
+    """A StreamCall as protobuf itself writes it is answered like the SDK's; one without a call,
+    or not protobuf at all, ends the stream with INVALID_ARGUMENT and a message."""
+    with served() as server, gg.connect(server.address) as client, client.session(lecture(), POINT) as sess:
+        channel = grpc.insecure_channel(server.address)
+        stream = channel.stream_stream(f"/{GRADIENT_SERVICE}/{STREAM}", request_serializer=lambda b: b,
+                                       response_deserializer=pb.StreamAnswer.FromString)
+        forward = pb.StreamCall(forward=pb.ForwardRequest(session_id=sess.id))
+        gg.codec.to_tensor_map({"x": np.array([-2.0])}, forward.forward.inputs)
+        backward = pb.StreamCall(backward=pb.BackwardRequest(session_id=sess.id))
+        answers = list(stream(iter([forward.SerializeToString(), backward.SerializeToString()]), timeout=10))
+        assert [a.WhichOneof("answer") for a in answers] == ["forward", "backward"]
+        assert answers[0].forward.loss == -12.0
+        grads = gg.codec.from_tensor_map(answers[1].backward.param_grads, "param_grads")
+        assert {k: float(v) for k, v in grads.items()} == {"y": -4.0, "z": 3.0}
+        for body, text in ((b"", "holds no call"), (b"\xff\xff\xff", "is not a valid gradgate.v1.StreamCall")):
+            with pytest.raises(grpc.RpcError) as bad:
+                list(stream(iter([body]), timeout=10))
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in bad.value.details()
+        channel.close()
+        assert sess.forward({"x": np.array([-2.0])}).loss == -12.0  # the server carries on
+
+
 def test_answers_equal_unary_calls_bit_for_bit() -> None:
     g = mlp()
     params = gg.init_params(g, seed=3)
@@ -102,8 +183,8 @@ def test_answers_equal_unary_calls_bit_for_bit() -> None:
             pb = {k: pb[k] - 0.1 * gb[k] for k in pb}
         for k in params:  # the server committed the same parameters on both roads
             np.testing.assert_array_equal(a.get_params()[k], b.get_params()[k])
-        assert streamed_calls(server) == 6
-        assert unary_calls(server) == 6
+        assert streamed_calls(server) == 6 + 2  # and a's two get_params
+        assert unary_calls(server) == 6 + 2
 
 
 def test_an_error_is_raised_and_the_next_call_opens_a_new_stream() -> None:
@@ -304,7 +385,39 @@ def test_aging_connections_never_cut_a_call_that_ran() -> None:
             a.forward_backward({"x": data + calls})
             b.forward_backward({"x": data + calls})
             calls += 1
-        for name, value in b.get_buffers().items():
-            np.testing.assert_array_equal(a.get_buffers()[name], value)
         assert count(server, "grpc_server_started_total", STREAM) > 2  # streams came and went
         assert streamed_calls(server) + unary_calls(server) == 2 * calls  # each call ran once
+        for name, value in b.get_buffers().items():
+            np.testing.assert_array_equal(a.get_buffers()[name], value)
+
+
+def test_a_server_without_call_streams_gets_unary_calls_after_one_try() -> None:
+    """An older server, without CallStream, answers UNIMPLEMENTED once: the session's calls
+    go unary from then on, without asking again."""
+    config, metrics = Config(), Metrics()
+    store = SessionStore(config.session_ttl_seconds, config.max_sessions, config.cache_bytes)
+    handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics, config.max_message_bytes,
+                                         config.max_tensor_elements)
+    del handlers[STREAM]
+    asked: list[str] = []
+
+    class Unknown(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> None:
+            asked.append(details.method)  # type: ignore[attr-defined]
+
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_registered_method_handlers(GRADIENT_SERVICE, handlers)
+    server.add_generic_rpc_handlers((Unknown(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with gg.connect(f"127.0.0.1:{port}") as client, client.session(lecture(), POINT) as sess:
+            for _ in range(4):
+                loss, grads = sess.forward_backward({"x": np.array([-2.0])})
+                assert loss == -12.0 and float(grads["y"]) == -4.0
+        assert asked == [f"/{GRADIENT_SERVICE}/{STREAM}"]
+        assert metrics.registry.get_sample_value("grpc_server_handled_total", {
+            "grpc_service": GRADIENT_SERVICE, "grpc_method": "ForwardBackward", "grpc_type": "unary",
+            "grpc_code": "OK"}) == 4
+    finally:
+        server.stop(0)

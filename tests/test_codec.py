@@ -241,3 +241,74 @@ def test_random_bytes_decode_or_raise_codec_error(body: bytes) -> None:
             codec.decode(body, cls, max_elements=10_000)
         except codec.CodecError:
             pass
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=tensor_maps, params=tensor_maps, session_id=st.text(max_size=40))
+def test_a_call_within_a_stream_call(inputs, params, session_id) -> None:
+    """A CallStream request: the unary request as the one field of a StreamCall, written in one
+    copy and read in place, aligned; a StreamCall that protobuf wrote reads the same."""
+    request = pb.ForwardBackwardRequest(session_id=session_id, seed=3, input_grads=True)
+    data = codec.encode_within(3, request, inputs=inputs, params=params)
+    parsed = pb.StreamCall.FromString(data)  # protobuf reads it as a StreamCall holding the request
+    assert parsed.WhichOneof("call") == "forward_backward" and parsed.forward_backward.session_id == session_id
+    assert codec.from_tensor_map(parsed.forward_backward.inputs, "inputs").keys() == inputs.keys()
+    for body in (data, parsed.SerializeToString()):
+        name, message, maps = codec.decode_within(body, pb.StreamCall)
+        assert name == "forward_backward" and message.session_id == session_id and message.seed == 3
+        assert message.input_grads and not message.inputs
+        for field, want in (("inputs", inputs), ("params", params)):
+            assert maps[field].keys() == want.keys() and all(same(maps[field][k], want[k]) for k in want)
+            if body is data:
+                assert all(offset(a, data) % codec.ALIGN == 0 for a in maps[field].values() if a.ndim and a.size)
+
+
+def test_a_call_within_a_stream_call_views_the_received_bytes() -> None:
+    x = np.arange(1 << 12, dtype=np.float32).reshape(64, 64)
+    data = codec.encode_within(1, pb.ForwardRequest(session_id="s"), inputs={"x": x})
+    got = codec.decode_within(data, pb.StreamCall)[2]["inputs"]["x"]
+    base = got
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert base is data and not got.flags.writeable  # no copy at all
+    np.testing.assert_array_equal(got, x)
+
+
+def test_stream_calls_without_a_call_or_not_protobuf() -> None:
+    assert codec.decode_within(b"", pb.StreamCall)[0] == ""
+    assert codec.decode_within(pb.StreamCall().SerializeToString(), pb.StreamCall)[0] == ""
+    empty = codec.decode_within(codec.encode_within(2, pb.BackwardRequest()), pb.StreamCall)
+    assert empty[0] == "backward" and empty[1] == pb.BackwardRequest()
+    # two occurrences of the field: protobuf merges them, and so does decode_within
+    two = pb.StreamCall(forward=pb.ForwardRequest(session_id="s")).SerializeToString() + \
+        codec.encode_within(1, pb.ForwardRequest(seed=4), inputs={"x": np.ones(3)})
+    name, message, maps = codec.decode_within(two, pb.StreamCall)
+    assert (name, message.session_id, message.seed) == ("forward", "s", 4)
+    np.testing.assert_array_equal(maps["inputs"]["x"], np.ones(3))
+    for body in (b"\xff\xff\xff not protobuf", b"\x1a\x05ab", b"\x1a\x02\x12\x09"):
+        with pytest.raises(codec.CodecError, match="is not a valid gradgate.v1"):
+            codec.decode_within(body, pb.StreamCall)
+    big = codec.encode_within(1, pb.ForwardRequest(), inputs={"x": np.ones(20)})
+    with pytest.raises(codec.TensorTooLarge, match="the limit is 10"):
+        codec.decode_within(big, pb.StreamCall, max_elements=10)
+
+
+def test_stream_answers_mirror_stream_calls() -> None:
+    """StreamAnswer holds each unary call's response in the field of that call's number."""
+    service = pb.DESCRIPTOR.services_by_name["GradientService"]
+    by_request = {m.input_type: m for m in service.methods}
+    answers = pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields
+    calls = pb.StreamCall.DESCRIPTOR.oneofs[0].fields
+    assert [(f.name, f.number) for f in calls] == [(f.name, f.number) for f in answers]
+    for call, answer in zip(calls, answers):
+        assert by_request[call.message_type].output_type is answer.message_type
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_random_bytes_decode_within_or_raise_codec_error(body: bytes) -> None:
+    for cls in (pb.StreamCall, pb.StreamAnswer):
+        try:
+            codec.decode_within(body, cls, max_elements=10_000)
+        except codec.CodecError:
+            pass

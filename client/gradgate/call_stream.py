@@ -1,15 +1,18 @@
-"""A session's calls of one unary method over one long-lived stream (``<Method>Stream``).
+"""A session's calls over one long-lived stream (``CallStream``).
 
 gRPC spends about a quarter of a millisecond setting up each unary call, a third of a
-small ForwardBackward. A session calling forward_backward in a loop sends the calls over
-one bidirectional stream instead, opened on its first call and answered exactly as the
-unary calls would be. The stream is only a faster road: a call it cannot carry goes unary,
-with the channel's retries (another thread is using the stream, the server has no stream
-slot free, the stream broke before the answer). A call's error (a status of DESIGN.md's
+small ForwardBackward. A session sends its Forward, Backward, ForwardBackward,
+SetParameters and GetParameters calls over one bidirectional stream instead, opened on
+its first call; each request is a StreamCall holding the unary request, answered by a
+StreamAnswer holding exactly the unary response. The stream is only a faster road: a
+call it cannot carry goes unary, with the channel's retries (another thread is using the
+stream, the server has no stream slot free or predates CallStream, the stream broke
+before the answer). A call's error (a status of DESIGN.md's
 error mapping) is raised and ends the stream; the next call opens another.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -18,13 +21,22 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
+from google.protobuf.message import Message
 
+from gradgate.codec import decode_within, encode_within
 from gradgate.errors import GradgateError, from_rpc_error
+from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from gradgate.client import Client
 
+_SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
+_BY_REQUEST = {m.input_type: m.name for m in _SERVICE.methods if not m.client_streaming}
+# unary method -> the number of the StreamCall field (and of the StreamAnswer one) that holds it
+CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields}
+_ANSWERS = {f.name: f.number for f in pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields}
 STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot
 IDLE_SECONDS = 20.0  # a stream unused this long is closed, well before a server's idle limit (60 s) ends it
 REFUSED_SECONDS = 5.0  # after a refusal, calls go unary this long before a stream is tried again
@@ -38,12 +50,12 @@ _DEADLINES = Watchdog(0.02, "gradgate-call-deadlines")
 
 
 class CallStream:
-    """Calls of ``method`` for one session (routed by ``session_key``): ``call(data, deadline)``
-    returns the answer's bytes, or None when the call should be sent unary instead, by the same
-    ``deadline`` (on time.monotonic's clock)."""
+    """The calls of one session (routed by ``session_key``): ``call(method, request, arrays,
+    deadline)`` returns the decoded answer, or None when the call should be sent unary
+    instead, by the same ``deadline`` (on time.monotonic's clock)."""
 
-    def __init__(self, client: Client, method: str, session_key: str):
-        self._client, self._method, self._key = client, method, session_key
+    def __init__(self, client: Client, session_key: str):
+        self._client, self._key = client, session_key
         self._lock = threading.Lock()
         self._requests: queue.SimpleQueue | None = None
         self._responses: Any = None  # grpc's call object: an iterator of the answers
@@ -54,13 +66,24 @@ class CallStream:
         self._calls = 0
         self._expired = -1  # the number of the call whose deadline passed
 
-    def call(self, data: bytes, deadline: float) -> bytes | None:
+    def call(self, method: str, request: Message, arrays: dict[str, Any], deadline: float
+             ) -> tuple[Any, dict[str, dict[str, np.ndarray]]] | None:
+        number = CARRIED[method]
         if self._closed or not self._lock.acquire(blocking=False):  # another thread's call is on the stream
             return None
         try:
-            return None if self._closed else self._send(data, deadline)
+            if self._closed:
+                return None
+            answer = self._send(method, encode_within(number, request, **arrays), deadline)
         finally:
             self._lock.release()
+        if answer is None:
+            return None
+        name, response, got = decode_within(answer, pb.StreamAnswer)
+        if _ANSWERS.get(name) != number:
+            raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered a {method} call on its "
+                                                          f"CallStream with {name or 'nothing'}")
+        return response, got
 
     def close(self) -> None:
         """For good (its session is closing): end the stream once a call in progress on it, another
@@ -91,12 +114,12 @@ class CallStream:
 
     def _open(self) -> None:
         self._requests, cell = queue.SimpleQueue(), []  # type: ignore[var-annotated]
-        multi, metadata = self._client.stream(self._method, self._key)
+        multi, metadata = self._client.stream("CallStream", self._key)
         self._responses = multi(_requests(self._requests, cell), metadata=metadata)
         cell.append(self._responses)
         self._ends = weakref.finalize(self, self._requests.put, None)  # also when dropped without close
 
-    def _send(self, data: bytes, deadline: float) -> bytes | None:
+    def _send(self, method: str, data: bytes, deadline: float) -> bytes | None:
         now = time.monotonic()
         if self._responses is not None and now - self._used > IDLE_SECONDS:
             self._end(min(deadline, now + 1.0))
@@ -115,9 +138,12 @@ class CallStream:
             self._end(min(deadline, time.monotonic() + 1.0))
             if self._expired == number:
                 raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"{self._method} had no answer within {self._client.timeout:g} s") from None
+                                    f"{method} had no answer within {self._client.timeout:g} s") from None
             if any(k == STREAMS_FULL for k, _ in e.trailing_metadata() or ()):  # type: ignore[attr-defined]
                 self._refused_until = time.monotonic() + REFUSED_SECONDS
+                return None
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                self._refused_until = math.inf  # a server older than CallStream: unary calls for good
                 return None
             if e.code() in ANSWERS:  # type: ignore[attr-defined]
                 raise from_rpc_error(e) from None

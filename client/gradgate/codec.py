@@ -292,6 +292,17 @@ def encode(message: Message, **tensors: Any) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def encode_within(number: int, message: Message, /, **tensors: Any) -> bytes:
+    """``encode(message, **tensors)`` as field ``number`` of an enclosing message that holds
+    nothing else (a StreamCall or StreamAnswer), still in one copy; ``decode_within`` reads it."""
+    tag = _varint(number << 3 | 2)
+    start = len(tag) + 5  # the length takes five bytes: the offsets after it come first
+    parts: list[Any] = [tag, b"", message.SerializeToString()]
+    end = _write(parts, start + len(parts[2]), type(message), tensors)
+    parts[1] = _padded(end - start, 5 - len(_varint(end - start)))
+    return b"".join(parts)
+
+
 def _write(parts: list, at: int, cls: type[Message], tensors: Mapping[str, Any]) -> int:
     """Append the tensor maps of a ``cls`` message, ``at`` bytes into the whole one; returns
     its length after them. A message field goes in as one more occurrence of that field,
@@ -406,22 +417,23 @@ def _read_tensor(data: bytes, pos: int, end: int) -> tuple[int, tuple[int, ...],
 MAX_FIELDS = 100_000  # per message body: no request needs more, and each costs the reader 1-14 µs
 
 
-def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
-    """Parse ``data`` as a ``cls`` message: the message without its top-level tensor maps, and
-    those maps as ``{field: {name: array}}`` of read-only arrays viewing ``data`` (maps deeper
-    down, as in a Train sync, are left to protobuf). A malformed body, or one of more than
-    MAX_FIELDS fields, raises CodecError naming the field; a tensor over ``max_elements``
-    raises TensorTooLarge."""
+def decode(data: bytes, cls: type[M], max_elements: int | None = None,
+           start: int = 0) -> tuple[M, dict[str, dict[str, np.ndarray]]]:
+    """Parse ``data`` (from byte ``start`` on) as a ``cls`` message: the message without its
+    top-level tensor maps, and those maps as ``{field: {name: array}}`` of read-only arrays
+    viewing ``data`` (maps deeper down, as in a Train sync, are left to protobuf). A malformed
+    body, or one of more than MAX_FIELDS fields, raises CodecError naming the field; a tensor
+    over ``max_elements`` raises TensorTooLarge."""
     numbers = _tensor_maps(cls)
     arrays: dict[str, dict[str, np.ndarray]] = {field: {} for field in numbers}
     if not numbers:
         try:
-            return cls.FromString(data), arrays
+            return cls.FromString(data[start:] if start else data), arrays
         except DecodeError as e:
             raise _not_a(cls, data, e) from None
     fields = {number: field for field, number in numbers.items()}
     rest: list[bytes] = []
-    pos, end, count = 0, len(data), 0
+    pos, end, count = start, len(data), 0
     try:
         while pos < end:
             count += 1
@@ -490,6 +502,36 @@ def decode(data: bytes, cls: type[M], max_elements: int | None = None) -> tuple[
     except (DecodeError, UnicodeDecodeError) as e:
         raise _not_a(cls, data, e) from None
     return message, arrays
+
+
+_ONEOFS: dict[type, dict[int, tuple[str, type[Message]]]] = {}
+
+
+def decode_within(data: bytes, cls: type[Message], max_elements: int | None = None
+                  ) -> tuple[str, Message, dict[str, dict[str, np.ndarray]]]:
+    """Parse ``data`` as a ``cls`` message that holds one field of its oneof (a StreamCall or
+    StreamAnswer): that field's name ("" when none is set), and its message as ``decode``
+    gives it. The body ``encode_within`` writes is read in place, without a copy; any
+    other valid body (more than one field, say) is parsed by protobuf first."""
+    members = _ONEOFS.get(cls)
+    if members is None:
+        members = _ONEOFS[cls] = {f.number: (f.name, message_factory.GetMessageClass(f.message_type))
+                                  for f in cls.DESCRIPTOR.oneofs[0].fields}
+    try:
+        key, pos = _read_varint(data, 0, len(data)) if data else (0, 0)
+        if key & 7 == 2 and key >> 3 in members:
+            length, pos = _read_varint(data, pos, len(data))
+            if pos + length == len(data):  # the one field, the whole body
+                name, sub = members[key >> 3]
+                return (name, *decode(data, sub, max_elements, pos))
+        outer = cls.FromString(data)
+    except DecodeError as e:
+        raise _not_a(cls, data, e) from None
+    name = outer.WhichOneof(cls.DESCRIPTOR.oneofs[0].name) or ""
+    if not name:
+        return "", outer, {}
+    inner = getattr(outer, name)
+    return (name, *decode(inner.SerializeToString(), type(inner), max_elements))
 
 
 def _not_a(cls: type[Message], data: bytes, error: Exception) -> CodecError:

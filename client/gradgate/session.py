@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from gradgate.call_stream import CallStream
+from gradgate.call_stream import CARRIED, CallStream
 from gradgate.codec import decode, dtype_of, encode, from_tensor_map, to_tensor_map
 from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.gradcheck import GradCheckReport, check_session
@@ -73,9 +73,8 @@ class Session:
         self._last_forward: tuple[str, Any, dict[str, Any]] | None = None
         self._forward_id = 0
         self._thread = threading.local()
-        # forward_backward's calls over one stream, when the client allows it (gradgate.call_stream)
-        self._streams = {"ForwardBackward": CallStream(client, "ForwardBackwardStream", self.key)} \
-            if client.call_streams else {}
+        # the session's calls over one stream, when the client allows it (gradgate.call_stream)
+        self._stream = CallStream(client, self.key) if client.call_streams else None
         response = self._create()
         self.parameter_count: int = response.parameter_count
         self.ttl_seconds: float = response.ttl_seconds
@@ -99,7 +98,7 @@ class Session:
 
     def _call(self, method: str, request: Any, **arrays: Any) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
         """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
-        stream = self._streams.get(method)
+        stream = self._stream if method in CARRIED else None
         try:
             return self.client.call(method, request, self.key, stream=stream, **arrays)
         except GradgateError as e:
@@ -265,8 +264,8 @@ class Session:
         expired, is harmless, so leaving a ``with`` block never hides the original error."""
         if not self._closed:
             self._closed = True
-            for stream in self._streams.values():
-                stream.close()
+            if self._stream is not None:
+                self._stream.close()
             try:
                 self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
             except GradgateError as e:

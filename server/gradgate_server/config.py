@@ -25,11 +25,11 @@ class Config:
     session_bytes: int = field(default=1024 * MiB, metadata={
         "help": "the same, per session"})
     stream_idle_seconds: float = field(default=60.0, metadata={
-        "help": "a stream (UploadData, the start of Train, ForwardBackwardStream) waits this long at most for the "
-                "client's next message, then ends (DEADLINE_EXCEEDED; CANCELLED for ForwardBackwardStream), so a "
+        "help": "a stream (UploadData, the start of Train, CallStream) waits this long at most for the "
+                "client's next message, then ends (DEADLINE_EXCEEDED; CANCELLED for CallStream), so a "
                 "quiet client does not hold an RPC thread"})
     max_call_streams: int = field(default=4, metadata={
-        "help": "ForwardBackwardStream streams open at once (the SDK's fast road for forward_backward; more "
+        "help": "CallStream streams open at once (the SDK's fast road for a session's calls; more "
                 "clients fall back to unary calls); each holds an RPC thread while open, so at most "
                 "--max-workers - 1 are allowed; 0 = none"})
     max_nodes: int = 10_000  # per graph

@@ -28,26 +28,29 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from gradgate.call_stream import STREAMS_FULL
-from gradgate.codec import decode, encode
+from gradgate.codec import decode, decode_within, encode, encode_within
 from gradgate.watchdog import Watchdog
 from gradgate.v1 import gradient_service_pb2
+from gradgate.v1.gradient_service_pb2 import StreamCall
 
-from .engine import DeadlineExceeded, ResourceExhausted, Watch
+from .engine import DeadlineExceeded, InvalidArgument, ResourceExhausted, Watch
 from .errors import status_of
 from .metrics import Metrics, RpcRecord
 
 SERVICE = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"]
+CALL_STREAM = SERVICE.methods_by_name["CallStream"]
 
 
 class Call:
     """One decoded request: ``msg`` without its tensor maps, ``arrays[field][name]`` for those,
     and the grpc ``context``. ``reply`` encodes the answer and checks it fits."""
 
-    __slots__ = ("msg", "arrays", "context", "max_message_bytes", "session_id", "_watch")
+    __slots__ = ("msg", "arrays", "context", "max_message_bytes", "within", "session_id", "_watch")
 
     def __init__(self, msg: Any, arrays: dict[str, dict[str, np.ndarray]], context: grpc.ServicerContext,
-                 max_message_bytes: int):
+                 max_message_bytes: int, within: int = 0):
         self.msg, self.arrays, self.context, self.max_message_bytes = msg, arrays, context, max_message_bytes
+        self.within = within  # the reply's field number in a StreamAnswer, for a call of a CallStream
         self.session_id: str = getattr(msg, "session_id", "")  # for the access log; CreateSession sets it
         self._watch: Watch | None = None
 
@@ -62,7 +65,7 @@ class Call:
     def reply(self, message: Message, **arrays: Mapping[str, Any] | None) -> bytes:
         """``message`` with its tensor maps, encoded. Raises ResourceExhausted (before the
         caller commits anything) when it would not fit in a message."""
-        data = encode(message, **arrays)
+        data = encode_within(self.within, message, **arrays) if self.within else encode(message, **arrays)
         if len(data) > self.max_message_bytes:
             raise ResourceExhausted(f"the response would take {len(data)} bytes, more than the message limit of "
                                     f"{self.max_message_bytes}; request fewer outputs or smaller batches",
@@ -77,31 +80,37 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
     """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
     ``authenticate`` (auth.py) vets each call before its request is even decoded; a stream
     waits at most ``idle_seconds`` for each message its handler asks for (Requests);
-    ``call_streams`` bounds the streams of unary calls (ForwardBackwardStream)."""
+    ``call_streams`` bounds the streams of a session's calls (CallStream)."""
     handlers = {}
-    call_streams = call_streams or CallStreams(4, idle_seconds)
     for method in SERVICE.methods:
+        if method.name == CALL_STREAM.name:  # below: it carries the unary calls
+            continue
         request_type = message_factory.GetMessageClass(method.input_type)
         full_name = f"/{SERVICE.full_name}/{method.name}"
-        unary = method.name.removesuffix("Stream")  # ForwardBackwardStream: ForwardBackward's calls, one by one
-        inner = getattr(servicer, unary if unary in SERVICE.methods_by_name else method.name)
 
         def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type) -> Call:
             if authenticate is not None:
                 authenticate(context)
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
-        if unary != method.name and unary in SERVICE.methods_by_name:
-            handler = _call_stream(metrics.method(full_name, "bidi_stream"),
-                                   metrics.method(f"/{SERVICE.full_name}/{unary}", "unary"), inner, decoded,
-                                   call_streams, authenticate)
-        elif method.client_streaming:
+        inner = getattr(servicer, method.name)
+        if method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
             handler = make(metrics.method(full_name, kind), inner, decoded, idle_seconds)
         else:
             handler = _unary(metrics.method(full_name, "unary"), inner, decoded)
         handlers[method.name] = handler
+    # a StreamCall's field names the unary call it holds: the one whose request type it has
+    unaries = {m.input_type: m for m in SERVICE.methods if not m.client_streaming}
+    carried = {}
+    for field in CALL_STREAM.input_type.oneofs[0].fields:
+        method = unaries[field.message_type]
+        carried[field.name] = (field.number, metrics.method(f"/{SERVICE.full_name}/{method.name}", "unary"),
+                               getattr(servicer, method.name))
+    handlers[CALL_STREAM.name] = _call_stream(
+        metrics.method(f"/{SERVICE.full_name}/{CALL_STREAM.name}", "bidi_stream"), carried,
+        call_streams or CallStreams(4, idle_seconds), authenticate, max_elements, max_message_bytes)
     return handlers
 
 
@@ -168,13 +177,15 @@ def _exiting() -> None:
 getattr(threading, "_register_atexit", atexit.register)(_exiting)
 
 
-def _call_stream(record_of: Any, call_record_of: Any, inner: Callable[[Call], bytes], decoded: Callable,
-                 streams: CallStreams, authenticate: Callable[[grpc.ServicerContext], None] | None
-                 ) -> grpc.RpcMethodHandler:
-    """Calls of the unary ``inner``, one per request of a bidi stream, each answered in order
-    as the unary call answers it; a call's error ends the stream with its status. Each call is
-    also counted (``call_record_of``) and logged as the unary call it stands for, so per-method
-    rates, errors and latencies read the same whichever way calls come."""
+def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Call], bytes]]],
+                 streams: CallStreams, authenticate: Callable[[grpc.ServicerContext], None] | None,
+                 max_elements: int, max_message_bytes: int) -> grpc.RpcMethodHandler:
+    """Calls of the unary methods in ``carried`` (StreamCall's field -> its number, the
+    method's metrics and its servicer method), one per request of a bidi stream, each answered
+    in order as the unary call answers it; a call's error ends the stream with its status.
+    Each call is also counted and logged as the unary call it stands for, so per-method
+    rates, errors and latencies read the same whichever way calls come. The stream is
+    authenticated once, at its start: its metadata cannot change."""
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
         try:
@@ -215,14 +226,20 @@ def _call_stream(record_of: Any, call_record_of: Any, inner: Callable[[Call], by
                 if data is None:
                     break
                 record.received(len(data))
-                each = RpcRecord(call_record_of, context, len(data))
+                each = None
                 try:
-                    call = decoded(data, context)
+                    name, msg, arrays = decode_within(data, StreamCall, max_elements)
+                    if name not in carried:
+                        raise InvalidArgument("a StreamCall holds no call (set one field of its oneof)", "call")
+                    number, call_record_of, inner = carried[name]
+                    each = RpcRecord(call_record_of, context, len(data))
+                    call = Call(msg, arrays, context, max_message_bytes, number)
                     record.session = each.session = call.session_id
                     response = inner(call)
                 except Exception as e:  # the call's status ends the stream too (after the slot is freed)
-                    failed = status_of(e, call_record_of.full_method)
-                    each.end(failed.code, failed.details)
+                    failed = status_of(e, (each or record).method.full_method)
+                    if each is not None:
+                        each.end(failed.code, failed.details)
                     record.end(failed.code, failed.details)
                     break
                 each.sent(len(response))

@@ -272,6 +272,34 @@ class GetParametersResponse(_message.Message):
     buffers: _containers.MessageMap[str, _tensor_pb2.Tensor]
     def __init__(self, params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
+class StreamCall(_message.Message):
+    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters")
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    SET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    GET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    forward: ForwardRequest
+    backward: BackwardRequest
+    forward_backward: ForwardBackwardRequest
+    set_parameters: SetParametersRequest
+    get_parameters: GetParametersRequest
+    def __init__(self, forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersRequest, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersRequest, _Mapping]] = ...) -> None: ...
+
+class StreamAnswer(_message.Message):
+    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters")
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    SET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    GET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    forward: ForwardResponse
+    backward: BackwardResponse
+    forward_backward: ForwardBackwardResponse
+    set_parameters: SetParametersResponse
+    get_parameters: GetParametersResponse
+    def __init__(self, forward: _Optional[_Union[ForwardResponse, _Mapping]] = ..., backward: _Optional[_Union[BackwardResponse, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersResponse, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ...) -> None: ...
+
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

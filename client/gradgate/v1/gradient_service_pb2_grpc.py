@@ -58,10 +58,10 @@ class GradientServiceStub:
                 request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
                 response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
                 _registered_method=True)
-        self.ForwardBackwardStream = channel.stream_stream(
-                '/gradgate.v1.GradientService/ForwardBackwardStream',
-                request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
-                response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
+        self.CallStream = channel.stream_stream(
+                '/gradgate.v1.GradientService/CallStream',
+                request_serializer=gradgate_dot_v1_dot_gradient__service__pb2.StreamCall.SerializeToString,
+                response_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.StreamAnswer.FromString,
                 _registered_method=True)
         self.SetParameters = channel.unary_unary(
                 '/gradgate.v1.GradientService/SetParameters',
@@ -134,14 +134,15 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ForwardBackwardStream(self, request_iterator, context):
-        """ForwardBackward calls, many over one stream: each request is answered in
-        order, exactly as the unary call answers it, without gRPC's per-call setup
-        (about a third of a small call). An error ends the stream with that call's
-        status. A server with all its stream slots taken refuses the stream with
-        RESOURCE_EXHAUSTED and trailing metadata `gradgate-streams: full` (then use
-        the unary call); one that waits longer than its idle limit for the next
-        request ends the stream with CANCELLED.
+    def CallStream(self, request_iterator, context):
+        """A session's calls, many over one stream: each request holds one call of
+        Forward, Backward, ForwardBackward, SetParameters or GetParameters, answered
+        in order exactly as that unary call answers it, without gRPC's per-call
+        setup (about a third of a small call). An error ends the stream with that
+        call's status. A server with all its stream slots taken refuses the stream
+        with RESOURCE_EXHAUSTED and trailing metadata `gradgate-streams: full` (then
+        use the unary calls); one that waits longer than its idle limit for the
+        next request ends the stream with CANCELLED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -221,10 +222,10 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.FromString,
                     response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.SerializeToString,
             ),
-            'ForwardBackwardStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.ForwardBackwardStream,
-                    request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.FromString,
-                    response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.SerializeToString,
+            'CallStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallStream,
+                    request_deserializer=gradgate_dot_v1_dot_gradient__service__pb2.StreamCall.FromString,
+                    response_serializer=gradgate_dot_v1_dot_gradient__service__pb2.StreamAnswer.SerializeToString,
             ),
             'SetParameters': grpc.unary_unary_rpc_method_handler(
                     servicer.SetParameters,
@@ -384,7 +385,7 @@ class GradientService:
             _registered_method=True)
 
     @staticmethod
-    def ForwardBackwardStream(request_iterator,
+    def CallStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -397,9 +398,9 @@ class GradientService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/gradgate.v1.GradientService/ForwardBackwardStream',
-            gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardRequest.SerializeToString,
-            gradgate_dot_v1_dot_gradient__service__pb2.ForwardBackwardResponse.FromString,
+            '/gradgate.v1.GradientService/CallStream',
+            gradgate_dot_v1_dot_gradient__service__pb2.StreamCall.SerializeToString,
+            gradgate_dot_v1_dot_gradient__service__pb2.StreamAnswer.FromString,
             options,
             channel_credentials,
             insecure,
