@@ -21,8 +21,9 @@ Targets (issue 7):
       forward and backward as two calls over the stream against two unary calls
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
-modules, when present) the convnet step against PyTorch, 2 replicas against 1, and a
-server process on one core (--cpus) against one free to use any.
+modules, when present) the convnet step against PyTorch, 2 replicas against 1, a server
+process on one core (--cpus) against one free to use any, and how long a /metrics scrape
+of each takes while it computes.
 """
 from __future__ import annotations
 
@@ -363,7 +364,7 @@ def blas_rows(quick: bool) -> list[Row]:
 
 
 def other_rows(quick: bool) -> list[Row]:
-    """Benchmarks of other modules, when they exist: convnet_step.py, replicas.py, pinning.py."""
+    """Benchmarks of other modules, when they exist: convnet_step.py, replicas.py, pinning.py, scrape.py."""
     rows = []
     for module, make in (
             ("convnet_step", lambda m: [Row("convnet step", f"engine {m['engine_ms']:.3f} ms",
@@ -373,7 +374,11 @@ def other_rows(quick: bool) -> list[Row]:
                                         ">= 1.8", m["ratio"] >= 1.8)]),
             ("pinning", lambda m: [Row(f"server on one core, {what}", f"--cpus {m[f'{kind}_pinned_ms']:.3f} ms",
                                        f"any core {m[f'{kind}_free_ms']:.3f} ms", m[f"{kind}_ratio"], "", None)
-                                   for kind, what in (("small", "T3's call"), ("step", "T2's batch-1 step"))])):
+                                   for kind, what in (("small", "T3's call"), ("step", "T2's batch-1 step"))]),
+            ("scrape", lambda m: [Row("/metrics scrape, server computing", f"--cpus {m['pinned_busy_ms']:.1f} ms "
+                                      f"(slowest {m['pinned_busy_max_ms']:.0f})",
+                                      f"any core {m['free_busy_ms']:.1f} ms (slowest {m['free_busy_max_ms']:.0f})",
+                                      m["busy_ratio"], "", None)])):
         try:
             measure = importlib.import_module(module).measure
         except (ImportError, AttributeError):

@@ -18,6 +18,7 @@ def test_benchmark_quick_mode_writes_every_target(tmp_path: Path) -> None:
     report = out.read_text()
     for target in ("T7 batch 1 ", "T7 batch 256 ", "T2 batch 1 ", "T2 batch 256 ", "T3 3-4-4-1 net",
                    "3-4-4-1 net, forward + backward", "T16 16 MiB input", "BLAS threads", "engine batch 256", "2 replicas",
-                   "server on one core, T3's call", "server on one core, T2's batch-1 step"):
+                   "server on one core, T3's call", "server on one core, T2's batch-1 step",
+                   "/metrics scrape, server computing"):
         assert f"| {target}" in report, target
     assert "Machine: " in report and "numpy " in report
