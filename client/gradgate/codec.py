@@ -6,7 +6,9 @@ write and read those maps by hand: ``encode`` copies each array's bytes once,
 straight into the outgoing message at an offset that is a multiple of ALIGN, and
 ``decode`` hands out read-only arrays that view the received bytes (no copy at all;
 aligned too, as grpc hands over each message as a new, 16-aligned bytes object).
-Everything else in a message is ordinary protobuf. Element counts are Python ints,
+``encode_within`` and ``decode_within`` do the same for such a message as the one field of
+an enclosing message (a CallStream's StreamCall and StreamAnswer). Everything else in a
+message is ordinary protobuf. Element counts are Python ints,
 checked before numpy sees them.
 """
 from __future__ import annotations
