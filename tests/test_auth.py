@@ -29,7 +29,7 @@ from gradgate.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradgate_server import Config, serve
 from gradgate_server.auth import ANONYMOUS, Authenticator, Principal, load_tokens, principal
 from gradgate_server.metrics import Metrics
-from gradgate_server.rpc import SERVICE, CallStreams, gradient_service_handlers
+from gradgate_server.rpc import SERVICE, Streams, gradient_service_handlers
 
 from procs import ServerProcess
 from test_server_e2e import batch, create, forward_request
@@ -226,7 +226,7 @@ def test_the_principal_is_the_calls_own(tmp_path) -> None:
                 yield principal().encode()
 
     handlers = gradient_service_handlers(Probe(), Metrics(), 2**20, 1000, authenticate,
-                                         call_streams=CallStreams(16, 60.0))  # a slot for every thread below
+                                         streams=Streams(16, 16, 60.0))  # a slot for every thread below
     server = grpc.server(futures.ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -23,8 +23,10 @@ from gradgate_server.sessions import SessionStore
 
 import gradgate as gg
 from gradgate import GradgateError
-from gradgate.call_stream import CARRIED
+from gradgate import codec
+from gradgate.call_stream import CARRIED, CallStream
 from gradgate.v1 import gradient_service_pb2 as pb
+from gradgate.watchdog import Watchdog
 
 from obs import GRADIENT_SERVICE, Scrape, wait_for
 
@@ -366,6 +368,34 @@ def test_stream_slots_leave_a_thread_for_unary_calls() -> None:
         assert client.list_ops()  # a unary call still finds a thread
 
 
+def test_streams_of_every_kind_leave_a_thread_for_unary_calls() -> None:
+    """CallStreams, UploadData and Train streams share --max-workers - 1 RPC threads: quiet
+    streams of any kind cannot make unary calls wait, and a stream that finds no thread free
+    is refused at once."""
+    g = mlp()
+    with served(max_workers=3, max_call_streams=4, stream_idle_seconds=5) as server, \
+            gg.connect(server.address, timeout=10) as client, client.session(g) as sess:
+        quiet = threading.Event()
+        upload, metadata = client.stream("UploadData", sess.key)
+        held = [upload.future(iter(quiet.wait, True), metadata=metadata) for _ in range(2)]  # send nothing
+        wait_for(lambda: count(server, "grpc_server_started_total", "UploadData") == 2, what="both uploads open")
+        with pytest.raises(grpc.RpcError) as refused:  # a third stream, of any kind: no thread is left for it
+            list(client.stream("Train", sess.key)[0](iter(quiet.wait, True), timeout=5))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-workers - 1 streams are open" in refused.value.details()
+        started = time.monotonic()
+        assert np.isfinite(sess.forward_backward(batch(0)).loss)  # its CallStream is refused: sent unary
+        assert sess.get_params().keys() == {"W1", "W2"}
+        assert time.monotonic() - started < 2  # not after a quiet stream's 5 s
+        assert count(server, "grpc_server_handled_total", STREAM, grpc_code="ResourceExhausted") == 1
+        assert streamed_calls(server) == 0 and unary_calls(server) == 2
+        quiet.set()
+        for call in held:
+            call.cancel()
+        wait_for(lambda: count(server, "grpc_server_handled_total", "UploadData") == 2, what="both uploads ended")
+        sess.upload({"x": np.zeros((4, 6)), "y": np.zeros(4, np.int64)})  # their threads are free again
+
+
 def test_aging_connections_never_cut_a_call_that_ran() -> None:
     """With --max-connection-age the server ends each stream between calls (after half the
     grace), before the connection's cut could drop an answer the client would then ask again:
@@ -421,3 +451,63 @@ def test_a_server_without_call_streams_gets_unary_calls_after_one_try() -> None:
             "grpc_code": "OK"}) == 4
     finally:
         server.stop(0)
+
+
+def test_a_request_that_comes_as_the_idle_wait_expires_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle watchdog takes an expired wait, then cancels the stream. A request read in
+    between is run and answered, never run and then cut off (the client would send it again,
+    and it would run twice). Here every expiry is acted on 0.15 s late, so the slow call lands
+    in that gap."""
+    arm = Watchdog.arm
+    monkeypatch.setattr(Watchdog, "arm", lambda self, key, seconds, expire: arm(
+        self, key, seconds, lambda: (time.sleep(0.15), expire())))
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
+    h = x
+    for _ in range(40):  # a forward of ~0.5 s: still running when the late cancel comes
+        h = gg.tanh(h @ w)
+    g.set_loss(gg.sum(h))
+    small, big = {"x": np.ones((1, 600))}, {"x": np.ones((600, 600))}
+    with served(stream_idle_seconds=0.2) as server, gg.connect(server.address) as client, \
+            client.session(g, {"W": np.eye(600) * 0.5}) as sess:
+        sess.forward(small)
+        time.sleep(0.27)  # the wait expired (the watchdog looks every 0.05 s); its cancel comes 0.15 s later
+        started = time.monotonic()
+        sess.forward(big)
+        assert time.monotonic() - started > 0.2  # still running when the cancel came
+        sess.forward(small)
+        assert count(server, "grpc_server_handled_total", "Forward") == 3  # each ran once, whatever its status
+        assert count(server, "grpc_server_handled_total", "Forward", grpc_code="OK") == 3
+        assert streamed_calls(server) == 3 and unary_calls(server) == 0
+
+
+def test_a_call_that_fits_only_unary_goes_unary() -> None:
+    """A StreamCall or StreamAnswer can be a few bytes longer than the unary message it holds
+    (its tensor data stays aligned): a request or an answer that fits the limit only unary is
+    sent unary, and answered as always."""
+    def answer(name: str, within: bool) -> int:  # the bytes of the forward's answer, as the server encodes it
+        response, outputs = pb.ForwardResponse(loss=1.0, forward_id=1), {name: np.ones((20, 300))}
+        return len(codec.encode_within(1, response, outputs=outputs) if within else codec.encode(response, outputs=outputs))
+
+    name = next(n for n in ("w" * k for k in range(1, 17)) if answer(n, within=True) > answer(n, within=False))
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1))
+    g.set_loss(gg.sum(gg.exp(x + gg.constant(np.linspace(0, 1, 300)[None, :], name="c"), name=name)))
+    batch = {"x": np.linspace(-1, 1, 20)[:, None]}
+    with served(max_message_bytes=answer(name, within=False)) as server, gg.connect(server.address) as client, \
+            client.session(g, {}) as sess:
+        got = sess.forward(batch, outputs=[name])
+        np.testing.assert_allclose(got.outputs[name], np.exp(batch["x"] + np.linspace(0, 1, 300)[None, :]))
+        assert count(server, "grpc_server_handled_total", "Forward", grpc_code="OK") == 1
+        assert count(server, "grpc_server_handled_total", "Forward", grpc_code="Canceled") == 1  # the stream's try
+        # and a request that fits only unary never goes on the stream
+        inputs = {"x": np.ones((100, 1))}
+        request = next(r for r in (pb.ForwardRequest(session_id=sess.id, seed=2**k) for k in range(0, 64, 7))
+                       if len(codec.encode_within(1, r, inputs=inputs)) > len(codec.encode(r, inputs=inputs)))
+        unary_size = len(codec.encode(request, inputs=inputs))
+        with gg.connect(server.address, max_message_bytes=unary_size) as tight:
+            stream = CallStream(tight, sess.key)
+            response, _ = tight.call("Forward", request, sess.key, stream=stream, inputs=inputs)
+            assert response.loss == pytest.approx(len(inputs["x"]) * np.exp(np.linspace(0, 1, 300) + 1).sum())
+            stream.close()
+        assert count(server, "grpc_server_handled_total", "Forward", grpc_code="OK") == 2

@@ -50,6 +50,14 @@ def stub(channel) -> pb_grpc.GradientServiceStub:
     return pb_grpc.GradientServiceStub(channel)
 
 
+class Active:
+    """The context of a call whose client is still there, for RpcRecord."""
+
+    @staticmethod
+    def is_active() -> bool:
+        return True
+
+
 def scrape(server) -> Scrape:
     return Scrape.of(server.metrics_address)
 
@@ -131,14 +139,9 @@ def test_call_records_add_up_exactly_under_concurrency() -> None:
     metrics = Metrics()
     method = metrics.method("/t.S/M", "unary")
 
-    class Context:
-        @staticmethod
-        def is_active() -> bool:
-            return True
-
     def calls() -> None:
         for _ in range(500):
-            record = RpcRecord(method, Context(), 64)  # the first bytes bucket's bound
+            record = RpcRecord(method, Active(), 64)  # type: ignore[arg-type]  # the first bytes bucket's bound
             record.sent(65)
             record.end()
 
@@ -166,7 +169,7 @@ def test_created_series_follow_prometheus_clients_switch() -> None:
     them as those do after disable_created_metrics() (the CLI's choice)."""
     metrics = Metrics()
     method = metrics.method("/t.S/M", "unary")
-    record = RpcRecord(method, None, 10)  # type: ignore[arg-type]  # end() with a code never asks the context
+    record = RpcRecord(method, Active(), 10)  # type: ignore[arg-type]
     record.end(grpc.StatusCode.NOT_FOUND)
     was_on = getattr(prometheus_client.metrics, "_use_created", True)  # a process-wide switch: put back after
     try:
@@ -257,6 +260,29 @@ def test_client_deadline_stops_the_computation_and_is_recorded(server, stub) -> 
     # the engine stopped at the next op instead of finishing a pass nobody will read
     assert s.value("gradgate_op_compute_seconds_count", op="matmul", **{"pass": "forward"}) < layers
     assert s.value("gradgate_examples_processed_total") == 0
+
+
+def test_a_call_its_client_cancels_is_recorded_as_cancelled(server, stub) -> None:
+    """The pass stops once the client has gone, by raising DeadlineExceeded; the call is
+    counted with what the client saw, CANCELLED, unary or on a CallStream (and so is that
+    stream), not as a server-side DEADLINE_EXCEEDED that the error-ratio alert counts."""
+    layers, width = 40, 256
+    sid = stub.CreateSession(create_request(chain_graph(layers, width), chain_params(width)), timeout=10).session_id
+    x = np.random.default_rng(1).normal(size=(2048, width))
+    unary = stub.Forward.future(forward_request(sid, {"x": x}), timeout=30)
+    streamed = stub.CallStream(iter([pb.StreamCall(forward=forward_request(sid, {"x": x}))]), timeout=30)
+
+    def ran(n: int) -> bool:  # both calls are computing
+        return scrape(server).value("gradgate_op_compute_seconds_count", op="matmul", **{"pass": "forward"}) >= n
+    wait_for(lambda: ran(2), what="both forwards to run")
+    unary.cancel()
+    streamed.cancel()
+    s = wait_for(lambda: (x := scrape(server)).value("grpc_server_handled_total", grpc_method="Forward") == 2 and x,
+                 what="both cancelled Forwards to be recorded")
+    assert handled(s, "Forward", "Canceled") == 2
+    wait_for(lambda: scrape(server).value("grpc_server_handled_total", grpc_method="CallStream",
+                                          grpc_code="Canceled") == 1, what="the cancelled stream to be recorded")
+    assert scrape(server).value("grpc_server_handled_total", grpc_code="DeadlineExceeded") == 0
 
 
 def test_health_and_reflection_calls_are_counted_too(server, channel) -> None:

@@ -74,7 +74,10 @@ class CallStream:
         try:
             if self._closed:
                 return None
-            answer = self._send(method, encode_within(number, request, **arrays), deadline)
+            data = encode_within(number, request, **arrays)
+            if len(data) > self._client.max_message_bytes:  # a StreamCall is a few bytes longer than
+                return None  # the unary request, which may fit
+            answer = self._send(method, data, deadline)
         finally:
             self._lock.release()
         if answer is None:

@@ -27,7 +27,7 @@ from .config import Config
 from .health import HealthServicer
 from .logs import configure_logging
 from .metrics import Metrics
-from .rpc import CallStreams, Observed, gradient_service_handlers
+from .rpc import Observed, Streams, gradient_service_handlers
 from .service import GradientService
 from .sessions import SessionStore
 
@@ -49,7 +49,7 @@ class Server:
 
     def __init__(self, server: grpc.Server, address: str, store: SessionStore, config: Config,
                  health_servicer: HealthServicer, metrics: Metrics, metrics_address: str | None = None,
-                 health_pool: futures.ThreadPoolExecutor | None = None, call_streams: CallStreams | None = None):
+                 health_pool: futures.ThreadPoolExecutor | None = None, streams: Streams | None = None):
         self._server = server
         self.address = address
         self.store = store
@@ -58,7 +58,7 @@ class Server:
         self.metrics = metrics
         self.metrics_address = metrics_address
         self._health_pool = health_pool
-        self._call_streams = call_streams
+        self._streams = streams
         self._stopped = threading.Event()
         # Expire idle sessions even when no call arrives, so memory and metrics stay true.
         threading.Thread(target=self._sweep, name="gradgate-sweeper", daemon=True).start()
@@ -71,8 +71,8 @@ class Server:
         """Health NOT_SERVING, refuse new calls, let in-flight ones finish for ``grace``
         seconds (then cancel them), and close the metrics endpoint."""
         self.health.enter_graceful_shutdown()
-        if self._call_streams is not None:
-            self._call_streams.stop()
+        if self._streams is not None:
+            self._streams.stop()
         self._server.stop(grace).wait()
         self._stopped.set()
         self.metrics.stop_http()
@@ -125,13 +125,13 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     server = grpc.server(futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="gradgate-rpc"),
                          options=options)
     # Each open stream holds an RPC thread: one at least stays for unary calls. When connections
-    # age out, a stream older than half the grace ends between calls, before its connection is
-    # cut, so no call is cut after it ran.
-    call_streams = CallStreams(min(config.max_call_streams, config.max_workers - 1), config.stream_idle_seconds,
-                               config.grace_seconds / 2 if config.max_connection_age_seconds > 0 else math.inf)
+    # age out, a CallStream older than half the grace ends between calls, before its connection
+    # is cut, so no call is cut after it ran.
+    streams = Streams(config.max_workers - 1, config.max_call_streams, config.stream_idle_seconds,
+                      config.grace_seconds / 2 if config.max_connection_age_seconds > 0 else math.inf)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
                                          config.max_message_bytes, config.max_tensor_elements, authenticator,
-                                         config.stream_idle_seconds, call_streams)
+                                         streams)
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     # Health answers from threads of its own, so it never waits behind compute.
@@ -153,7 +153,7 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
         metrics_address = f"{host}:{metrics.serve_http(host, config.metrics_port)}"
     server.start()
     return Server(server, f"{host}:{port}", store, config, health_servicer, metrics, metrics_address, health_pool,
-                  call_streams)
+                  streams)
 
 
 def limit_blas(threads: int, max_workers: int) -> int:

@@ -12,7 +12,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB  # same default as gradgate.client
 @dataclass(frozen=True)
 class Config:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit
-    max_workers: int = 8  # RPC threads; numpy releases the GIL in BLAS
+    max_workers: int = field(default=8, metadata={
+        "help": "RPC threads (numpy releases the GIL in BLAS); open streams (CallStream, UploadData, Train) "
+                "hold at most --max-workers - 1 of them, so unary calls always find one, and a stream that "
+                "finds none free is refused with RESOURCE_EXHAUSTED"})
     max_connection_age_seconds: float = field(default=0.0, metadata={
         "help": "close client connections after this long (gracefully: calls in flight finish), so "
                 "proxyless clients on dns:/// re-resolve and find new replicas; 0 = never"})
@@ -30,8 +33,8 @@ class Config:
                 "quiet client does not hold an RPC thread"})
     max_call_streams: int = field(default=4, metadata={
         "help": "CallStream streams open at once (the SDK's fast road for a session's calls; more "
-                "clients fall back to unary calls); each holds an RPC thread while open, so at most "
-                "--max-workers - 1 are allowed; 0 = none"})
+                "clients fall back to unary calls); each holds one of the RPC threads streams share "
+                "(--max-workers) while open; 0 = none"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = field(default=64 * MiB, metadata={
         "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})

@@ -345,19 +345,20 @@ class RpcRecord:
         self.method.send(size)
 
     def end(self, code: grpc.StatusCode | None = None, details: str = "") -> None:
-        """Record the call's status: ``code``, or without one OK unless the client went away
-        first (then what it saw: DEADLINE_EXCEEDED or CANCELLED)."""
+        """Record the call's status: ``code`` (None: OK), unless the client went away first:
+        then what it saw, DEADLINE_EXCEEDED or CANCELLED (a pass stopped for that reason raises
+        DeadlineExceeded, which would answer DEADLINE_EXCEEDED had the client stayed)."""
         try:
             self._once.pop()
         except IndexError:
             return
         seconds = time.perf_counter() - self.start
-        if code is None:
+        if not self.context.is_active():
+            remaining = self.context.time_remaining()  # None (documented) or huge without a deadline
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
+        elif code is None:
             code = grpc.StatusCode.OK
-            if not self.context.is_active():
-                remaining = self.context.time_remaining()  # None (documented) or huge without a deadline
-                code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                        else grpc.StatusCode.CANCELLED)
         self.method.finish(code, seconds)
         if ACCESS.isEnabledFor(logging.INFO):
             self._log(code, seconds, details)

@@ -67,20 +67,29 @@ class Call:
         caller commits anything) when it would not fit in a message."""
         data = encode_within(self.within, message, **arrays) if self.within else encode(message, **arrays)
         if len(data) > self.max_message_bytes:
+            if self.within and len(encode(message, **arrays)) <= self.max_message_bytes:
+                raise Unanswered(f"the answer fits a unary message ({self.max_message_bytes} bytes at most) but "
+                                 "not a StreamAnswer: the call is sent unary")
             raise ResourceExhausted(f"the response would take {len(data)} bytes, more than the message limit of "
                                     f"{self.max_message_bytes}; request fewer outputs or smaller batches",
                                     "outputs")
         return data
 
 
+class Unanswered(Exception):
+    """A CallStream call's answer fits the message limit only as the unary call's response
+    (a StreamAnswer is a few bytes longer): the stream ends unanswered, before anything is
+    committed, and the client sends that call unary."""
+
+
 def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes: int, max_elements: int,
                               authenticate: Callable[[grpc.ServicerContext], None] | None = None,
-                              idle_seconds: float = 60.0, call_streams: CallStreams | None = None
-                              ) -> dict[str, grpc.RpcMethodHandler]:
+                              streams: Streams | None = None) -> dict[str, grpc.RpcMethodHandler]:
     """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
-    ``authenticate`` (auth.py) vets each call before its request is even decoded; a stream
-    waits at most ``idle_seconds`` for each message its handler asks for (Requests);
-    ``call_streams`` bounds the streams of a session's calls (CallStream)."""
+    ``authenticate`` (auth.py) vets each call before its request is even decoded; ``streams``
+    bounds the open streams, and how long each waits for the client's next message (without:
+    7 streams, 4 of them CallStreams, 60 s)."""
+    streams = streams or Streams(7, 4, 60.0)
     handlers = {}
     for method in SERVICE.methods:
         if method.name == CALL_STREAM.name:  # below: it carries the unary calls
@@ -97,7 +106,7 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
         if method.client_streaming:
             kind = "bidi_stream" if method.server_streaming else "client_stream"
             make = _bidi_stream if method.server_streaming else _client_stream
-            handler = make(metrics.method(full_name, kind), inner, decoded, idle_seconds)
+            handler = make(metrics.method(full_name, kind), inner, decoded, streams, authenticate)
         else:
             handler = _unary(metrics.method(full_name, "unary"), inner, decoded)
         handlers[method.name] = handler
@@ -110,7 +119,7 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
                                getattr(servicer, method.name))
     handlers[CALL_STREAM.name] = _call_stream(
         metrics.method(f"/{SERVICE.full_name}/{CALL_STREAM.name}", "bidi_stream"), carried,
-        call_streams or CallStreams(4, idle_seconds), authenticate, max_elements, max_message_bytes)
+        streams, authenticate, max_elements, max_message_bytes)
     return handlers
 
 
@@ -139,19 +148,25 @@ def _unary(record_of: Any, inner: Callable[[Call], bytes], decoded: Callable) ->
     return grpc.unary_unary_rpc_method_handler(behavior)
 
 
-class CallStreams:
-    """The slots of streams of unary calls (``<Method>Stream``), and when a stream ends.
-    Each open stream holds an RPC thread, between its calls too, so their number is bounded.
-    A stream ends only between calls, never with a request read and not answered, so a client
-    whose stream ended may send that request again: once its answer has been sent and the
-    client has sent no next request for ``idle_seconds`` (a watchdog ends it: waiting costs
-    no reader thread of its own), after ``max_age_seconds``, and when the server stops or
-    the interpreter exits (which waits for every RPC thread)."""
+class Streams:
+    """How many streams may be open, and when a CallStream ends. Every open stream (CallStream,
+    UploadData, Train) holds an RPC thread for its whole life, between its messages too: all
+    together hold at most ``threads`` (the server's --max-workers - 1, so unary calls always
+    find one), CallStreams at most ``call_streams`` of those. A stream that finds none free is
+    refused with RESOURCE_EXHAUSTED at once, never queued.
 
-    def __init__(self, slots: int, idle_seconds: float, max_age_seconds: float = math.inf):
-        self.slots, self.idle_seconds = threading.BoundedSemaphore(max(slots, 1)), idle_seconds
+    A CallStream ends only between calls: a request it has read is answered, or (read just as
+    its idle wait expired) not run at all, so a client whose stream ended may send that request
+    again. It ends once its answer has been sent and the client has sent no next request for
+    ``idle_seconds`` (a watchdog ends it: waiting costs no reader thread of its own), after
+    ``max_age_seconds``, and when the server stops or the interpreter exits (which waits for
+    every RPC thread)."""
+
+    def __init__(self, threads: int, call_streams: int, idle_seconds: float, max_age_seconds: float = math.inf):
+        self.threads = threading.BoundedSemaphore(max(threads, 1))
+        self.slots, self.idle_seconds = threading.BoundedSemaphore(max(call_streams, 1)), idle_seconds
         self.max_age_seconds = max_age_seconds
-        self.open = slots > 0
+        self.open = threads > 0 and call_streams > 0
         self.stopping = False
         self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle")
         _STOP_AT_EXIT.add(self)
@@ -163,7 +178,7 @@ class CallStreams:
         self.watchdog.expire_all()
 
 
-_STOP_AT_EXIT: weakref.WeakSet[CallStreams] = weakref.WeakSet()
+_STOP_AT_EXIT: weakref.WeakSet[Streams] = weakref.WeakSet()
 
 
 def _exiting() -> None:
@@ -178,7 +193,7 @@ getattr(threading, "_register_atexit", atexit.register)(_exiting)
 
 
 def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Call], bytes]]],
-                 streams: CallStreams, authenticate: Callable[[grpc.ServicerContext], None] | None,
+                 streams: Streams, authenticate: Callable[[grpc.ServicerContext], None] | None,
                  max_elements: int, max_message_bytes: int) -> grpc.RpcMethodHandler:
     """Calls of the unary methods in ``carried`` (StreamCall's field -> its number, the
     method's metrics and its servicer method), one per request of a bidi stream, each answered
@@ -193,16 +208,21 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 authenticate(context)
         except Exception as e:
             _abort(record, context, e)
-        if not (streams.open and streams.slots.acquire(blocking=False)):
-            details = ("every stream slot of this server is taken (--max-call-streams); "
-                       "send the calls as unary calls")
-            record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-            context.set_trailing_metadata(((STREAMS_FULL, "full"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        if not streams.open or not streams.slots.acquire(blocking=False):
+            _refuse(record, context, "every CallStream slot of this server is taken (--max-call-streams); "
+                                     "send the calls as unary calls", full=True)
+        if not streams.threads.acquire(blocking=False):
+            streams.slots.release()
+            _refuse(record, context, _NO_THREAD + "; send the calls as unary calls", full=True)
         ends, failed, cancelled = time.monotonic() + streams.max_age_seconds, None, []
+        running: list[bool] = []  # a request read and being run: cancel() leaves it be
+        lock = threading.Lock()
 
-        def cancel() -> None:  # idle, or the server stopping
-            cancelled.append(True)
+        def cancel() -> None:  # idle, or the server stopping: only between calls
+            with lock:
+                if running:  # a request came in as the wait expired: it is answered first
+                    return
+                cancelled.append(True)
             context.cancel()
 
         def end() -> None:
@@ -225,6 +245,10 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                     streams.watchdog.disarm(context)
                 if data is None:
                     break
+                with lock:
+                    if cancelled:  # the wait expired as this request came in: not run, so the client's
+                        break  # re-sent call runs once
+                    running.append(True)
                 record.received(len(data))
                 each = None
                 try:
@@ -236,6 +260,10 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                     call = Call(msg, arrays, context, max_message_bytes, number)
                     record.session = each.session = call.session_id
                     response = inner(call)
+                except Unanswered as e:  # nothing ran or changed: the client sends the call unary
+                    if each is not None:
+                        each.end(grpc.StatusCode.CANCELLED, str(e))
+                    break
                 except Exception as e:  # the call's status ends the stream too (after the slot is freed)
                     failed = status_of(e, (each or record).method.full_method)
                     if each is not None:
@@ -245,6 +273,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 each.sent(len(response))
                 each.end()
                 record.sent(len(response))
+                running.clear()  # the answer is handed over: the idle clock runs from here
                 streams.watchdog.arm(context, streams.idle_seconds, cancel)
                 yield response
         except GeneratorExit:  # grpc dropped the stream (the client went away, or cancel())
@@ -258,6 +287,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
             end()  # a no-op after a failed call
         finally:
             streams.watchdog.disarm(context)
+            streams.threads.release()
             streams.slots.release()
         if failed is not None:
             context.abort_with_status(failed)
@@ -330,27 +360,55 @@ class Requests:
 _END = object()
 
 
-def _client_stream(record_of: Any, inner: Callable, decoded: Callable, idle_seconds: float
-                   ) -> grpc.RpcMethodHandler:
+_NO_THREAD = "every RPC thread that streams may hold is taken (--max-workers - 1 streams are open)"
+
+
+def _refuse(record: RpcRecord, context: grpc.ServicerContext, details: str, full: bool = False) -> None:
+    """Refuse a stream for want of a slot or thread (raises, as grpc's abort does); ``full``
+    tells the SDK to send its calls unary (gradgate.call_stream)."""
+    record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    if full:
+        context.set_trailing_metadata(((STREAMS_FULL, "full"),))
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+
+def _opened(record: RpcRecord, context: grpc.ServicerContext, streams: Streams,
+            authenticate: Callable[[grpc.ServicerContext], None] | None) -> None:
+    """Vet a client or bidi stream, then take a thread for it (released by the caller)."""
+    try:
+        if authenticate is not None:  # before a thread is taken
+            authenticate(context)
+    except Exception as e:
+        _abort(record, context, e)
+    if not streams.threads.acquire(blocking=False):
+        _refuse(record, context, _NO_THREAD + "; try again shortly")
+
+
+def _client_stream(record_of: Any, inner: Callable, decoded: Callable, streams: Streams,
+                   authenticate: Callable[[grpc.ServicerContext], None] | None) -> grpc.RpcMethodHandler:
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
         record = RpcRecord(record_of, context, None)
+        _opened(record, context, streams, authenticate)
         try:
-            response = inner(Requests(record, datas, context, decoded, idle_seconds), context)
+            response = inner(Requests(record, datas, context, decoded, streams.idle_seconds), context)
         except Exception as e:
             _abort(record, context, e)
             return None
+        finally:
+            streams.threads.release()
         record.sent(len(response))
         record.end()
         return response
     return grpc.stream_unary_rpc_method_handler(behavior)
 
 
-def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable, idle_seconds: float
-                 ) -> grpc.RpcMethodHandler:
+def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable, streams: Streams,
+                 authenticate: Callable[[grpc.ServicerContext], None] | None) -> grpc.RpcMethodHandler:
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
+        _opened(record, context, streams, authenticate)
         try:
-            for response in inner(Requests(record, datas, context, decoded, idle_seconds), context):
+            for response in inner(Requests(record, datas, context, decoded, streams.idle_seconds), context):
                 record.sent(len(response))
                 yield response
         except GeneratorExit:  # grpc dropped the stream (the client went away)
@@ -360,6 +418,8 @@ def _bidi_stream(record_of: Any, inner: Callable, decoded: Callable, idle_second
             _abort(record, context, e)
         else:
             record.end()
+        finally:
+            streams.threads.release()
     return grpc.stream_stream_rpc_method_handler(behavior)
 
 
