@@ -481,3 +481,18 @@ def test_sdk_threads_sharing_a_session_never_get_each_others_gradients() -> None
     assert "replaced it" in results["a"].message
     for name, value in expected_b.items():
         np.testing.assert_array_equal(results["b"][name], value)
+
+
+def test_a_session_that_streamed_its_calls_trains_on_a_server_with_one_stream_thread() -> None:
+    """--max-workers 2 leaves one RPC thread for streams: the session's own CallStream, open
+    after its forward_backward, gives it up for the upload and the Train."""
+    g = mlp()
+    params = gg.init_params(g, seed=0)
+    data = spiral(30)
+    with serve("127.0.0.1:0", Config(max_workers=2)) as server, gg.connect(server.address) as client, \
+            client.session(g, params) as sess:
+        assert np.isfinite(sess.forward_backward(data).loss)  # over its CallStream
+        losses = gg.train(sess, data, gg.optim.SGD(0.1), epochs=2, batch_size=10, seed=1, progress=False,
+                          on_server=True)
+        assert len(losses) == 2 * len(data["y"]) // 10 and losses[-1] < losses[0]
+        assert np.isfinite(sess.forward_backward(data).loss)  # and streams its calls again

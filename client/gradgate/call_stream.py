@@ -98,6 +98,16 @@ class CallStream:
             finally:
                 self._lock.release()
 
+    def pause(self) -> None:
+        """End the stream between calls, so the server thread it holds serves another stream
+        (the session's UploadData and Train); the next call opens another. A call in progress,
+        another thread's, keeps it open."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._end(time.monotonic() + 1.0)
+            finally:
+                self._lock.release()
+
     def _end(self, until: float) -> None:
         """End the stream, and wait until ``until`` at most for the server to end it too: grpc
         cancels a call whose object is dropped before. The next call opens another."""

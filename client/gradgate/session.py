@@ -186,6 +186,8 @@ class Session:
                     train_pb2.UploadDataRequest()
                 yield encode(request, columns={k: a[start:start + step] for k, a in columns.items()})
 
+        if self._stream is not None:  # its server thread serves the upload and the Train after it
+            self._stream.pause()
         call, metadata = self.client.stream("UploadData", self.key)
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
         try:
@@ -202,6 +204,8 @@ class Session:
         if optimizer.step_count or start_step:
             start.optimizer_state.step = optimizer.step_count
             to_tensor_map(optimizer.state(), start.optimizer_state.slots)
+        if self._stream is not None:  # its server thread serves the Train
+            self._stream.pause()
         call, metadata = self.client.stream("Train", self.key)
         try:
             for data in call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata):
