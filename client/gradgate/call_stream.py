@@ -6,9 +6,9 @@ SetParameters and GetParameters calls over one bidirectional stream instead, ope
 its first call; each request is a StreamCall holding the unary request, answered by a
 StreamAnswer holding exactly the unary response. The stream is only a faster road: a
 call it cannot carry goes unary, with the channel's retries (another thread is using the
-stream, the server has no stream slot free or predates CallStream, the stream broke
-before the answer). A call's error (a status of DESIGN.md's
-error mapping) is raised and ends the stream; the next call opens another.
+stream, the server has no stream slot free or predates CallStream, the call fits the
+message limit only unary, the stream broke before the answer). A call's error (a status of
+DESIGN.md's error mapping) is raised and ends the stream; the next call opens another.
 """
 from __future__ import annotations
 
