@@ -39,6 +39,16 @@ def served(**config: object) -> Iterator[Server]:
         yield server
 
 
+@contextmanager
+def both_ways(g: gg.Graph, params: dict[str, np.ndarray], **config: object
+              ) -> Iterator[tuple[Server, gg.Session, gg.Session]]:
+    """A server, a session on it whose calls go over its CallStream, and a twin whose calls go unary."""
+    with served(**config) as server, gg.connect(server.address) as streaming, \
+            gg.connect(server.address, call_streams=False) as unary, \
+            streaming.session(g, params) as a, unary.session(g, params) as b:
+        yield server, a, b
+
+
 def count(server: Server, name: str, method: str, **labels: str) -> float:
     return Scrape.of(server.metrics_address).value(name, grpc_service=GRADIENT_SERVICE, grpc_method=method, **labels)
 
@@ -109,10 +119,7 @@ def test_forward_then_backward_over_one_stream() -> None:
 
 def test_every_carried_call_answers_as_its_unary_call() -> None:
     g = mlp()
-    params = gg.init_params(g, seed=4)
-    with served() as server, gg.connect(server.address) as streaming, \
-            gg.connect(server.address, call_streams=False) as unary, \
-            streaming.session(g, params) as a, unary.session(g, params) as b:
+    with both_ways(g, gg.init_params(g, seed=4)) as (server, a, b):
         for step in range(3):
             fa, fb = (s.forward(batch(step), outputs=["x", "W1"], train=step != 1) for s in (a, b))
             assert fa.loss == fb.loss and fa.outputs.keys() == fb.outputs.keys() == {"x", "W1"}
@@ -170,19 +177,17 @@ def test_any_protobuf_client_can_use_the_stream() -> None:
 def test_answers_equal_unary_calls_bit_for_bit() -> None:
     g = mlp()
     params = gg.init_params(g, seed=3)
-    with served() as server, gg.connect(server.address) as streaming, \
-            gg.connect(server.address, call_streams=False) as unary, \
-            streaming.session(g, params) as a, unary.session(g, params) as b:
-        pa = pb = params
+    with both_ways(g, params) as (server, a, b):
+        params_a = params_b = params
         for step in range(6):
-            la, ga = a.forward_backward(batch(step), params=pa)
-            lb, gb = b.forward_backward(batch(step), params=pb)
+            la, ga = a.forward_backward(batch(step), params=params_a)
+            lb, gb = b.forward_backward(batch(step), params=params_b)
             assert la == lb
             assert ga.keys() == gb.keys() == {"W1", "W2"}
             for k in ga:
                 np.testing.assert_array_equal(ga[k], gb[k])
-            pa = {k: pa[k] - 0.1 * ga[k] for k in pa}
-            pb = {k: pb[k] - 0.1 * gb[k] for k in pb}
+            params_a = {k: v - 0.1 * ga[k] for k, v in params_a.items()}
+            params_b = {k: v - 0.1 * gb[k] for k, v in params_b.items()}
         for k in params:  # the server committed the same parameters on both roads
             np.testing.assert_array_equal(a.get_params()[k], b.get_params()[k])
         assert streamed_calls(server) == 6 + 2  # and a's two get_params
@@ -407,9 +412,7 @@ def test_aging_connections_never_cut_a_call_that_ran() -> None:
     g.set_loss(gg.sum(gg.batchnorm(x, gamma, beta, momentum=0.9, name="bn") ** 2) + 0.0 * gg.sum(big))
     params = {"gamma": np.ones(3), "beta": np.zeros(3), "big": np.zeros((1000, 1000))}
     data = np.random.default_rng(0).normal(size=(8, 3))
-    with served(max_connection_age_seconds=0.4, grace_seconds=0.3) as server, \
-            gg.connect(server.address) as streaming, gg.connect(server.address, call_streams=False) as unary, \
-            streaming.session(g, params) as a, unary.session(g, params) as b:
+    with both_ways(g, params, max_connection_age_seconds=0.4, grace_seconds=0.3) as (server, a, b):
         calls, stop = 0, time.monotonic() + 4.0
         while time.monotonic() < stop and calls < 2000:
             a.forward_backward({"x": data + calls})
