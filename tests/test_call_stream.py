@@ -401,6 +401,19 @@ def test_streams_of_every_kind_leave_a_thread_for_unary_calls() -> None:
         sess.upload({"x": np.zeros((4, 6)), "y": np.zeros(4, np.int64)})  # their threads are free again
 
 
+def test_one_rpc_thread_is_for_unary_calls_only() -> None:
+    """--max-workers 1: no stream may take the only thread."""
+    g = mlp()
+    with served(max_workers=1) as server, gg.connect(server.address, timeout=5) as client, \
+            client.session(g) as sess:
+        assert np.isfinite(sess.forward_backward(batch(0)).loss)  # its CallStream refused: unary
+        with pytest.raises(GradgateError) as refused:
+            sess.upload({"x": np.zeros((4, 6)), "y": np.zeros(4, np.int64)})
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams are open" in refused.value.message
+        assert client.list_ops()
+        assert streamed_calls(server) == 0 and unary_calls(server) == 1
+
+
 def test_aging_connections_never_cut_a_call_that_ran() -> None:
     """With --max-connection-age the server ends each stream between calls (after half the
     grace), before the connection's cut could drop an answer the client would then ask again:

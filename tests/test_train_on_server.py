@@ -496,3 +496,62 @@ def test_a_session_that_streamed_its_calls_trains_on_a_server_with_one_stream_th
                           on_server=True)
         assert len(losses) == 2 * len(data["y"]) // 10 and losses[-1] < losses[0]
         assert np.isfinite(sess.forward_backward(data).loss)  # and streams its calls again
+
+
+def test_an_upload_its_client_abandons_frees_its_thread_at_once() -> None:
+    """A cancelled upload, or one cut off by a stopping server, ends its handler within a
+    quarter second, not after --stream-idle-seconds: the one stream thread of a
+    --max-workers 2 server serves the next upload."""
+    g = mlp()
+    announce = codec.encode(train_pb2.UploadDataRequest(rows=10), columns={"x": np.zeros((1, 2)),
+                                                                           "y": np.zeros(1, np.int64)})
+    with serve("127.0.0.1:0", Config(max_workers=2, stream_idle_seconds=30, metrics_port=0)) as server, \
+            gg.connect(server.address, call_streams=False, recover_sessions=False) as client:
+        sess = client.session(g)  # not closed: the server stops under it
+        quiet = threading.Event()
+
+        def first_then_quiet(first: bytes):
+            yield first
+            quiet.wait(30)
+
+        upload, _ = client.stream("UploadData")
+        request = train_pb2.UploadDataRequest(session_id=sess.id, rows=10).SerializeToString() + announce
+
+        def open_quiet_upload() -> grpc.Future:
+            received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total", grpc_method="UploadData")
+            call = upload.future(first_then_quiet(request))
+            wait_for(lambda: Scrape.of(server.metrics_address).value(
+                "grpc_server_msg_received_total", grpc_method="UploadData") > received, what="its first message")
+            return call
+
+        for _ in range(3):
+            open_quiet_upload().cancel()
+            started = time.monotonic()
+            wait_for(lambda: _uploaded(sess), timeout=2, what="the thread to be free")  # refused meanwhile
+            assert time.monotonic() - started < 2
+        stuck = open_quiet_upload()
+        started = time.monotonic()
+        server.stop(0.5)
+        wait_for(lambda: not any(t.name.startswith("gradgate-rpc") and t.is_alive() and _in_requests(t)
+                                 for t in threading.enumerate()), timeout=3, what="the upload's handler to end")
+        assert time.monotonic() - started < 3  # the grace, then a quarter second
+        stuck.cancel()  # the client's retries would wait for the server for a while
+        quiet.set()
+
+
+def _uploaded(sess: gg.Session) -> bool:
+    try:
+        return sess.upload(spiral(4)) > 0
+    except gg.GradgateError as e:
+        assert e.code == Code.RESOURCE_EXHAUSTED and "streams are open" in e.message
+        return False
+
+
+def _in_requests(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is waiting in a stream's Requests (rpc.py) for the client's next message."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "__next__" and "rpc.py" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False

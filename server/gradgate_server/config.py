@@ -14,8 +14,8 @@ class Config:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # gRPC send and receive limit
     max_workers: int = field(default=8, metadata={
         "help": "RPC threads (numpy releases the GIL in BLAS); open streams (CallStream, UploadData, Train) "
-                "hold at most --max-workers - 1 of them, so unary calls always find one, and a stream that "
-                "finds none free is refused with RESOURCE_EXHAUSTED"})
+                "hold at most --max-workers - 1 of them (1: no stream at all), so unary calls always find one, "
+                "and a stream that finds none free is refused with RESOURCE_EXHAUSTED"})
     max_connection_age_seconds: float = field(default=0.0, metadata={
         "help": "close client connections after this long (gracefully: calls in flight finish), so "
                 "proxyless clients on dns:/// re-resolve and find new replicas; 0 = never"})

@@ -163,10 +163,10 @@ class Streams:
     every RPC thread)."""
 
     def __init__(self, threads: int, call_streams: int, idle_seconds: float, max_age_seconds: float = math.inf):
-        self.threads = threading.BoundedSemaphore(max(threads, 1))
-        self.slots, self.idle_seconds = threading.BoundedSemaphore(max(call_streams, 1)), idle_seconds
+        self.threads = threading.BoundedSemaphore(max(threads, 0))  # 0 (--max-workers 1): no stream at all
+        self.slots, self.idle_seconds = threading.BoundedSemaphore(max(call_streams, 0)), idle_seconds
         self.max_age_seconds = max_age_seconds
-        self.open = threads > 0 and call_streams > 0
+        self.open = call_streams > 0
         self.stopping = False
         self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle")
         _STOP_AT_EXIT.add(self)
@@ -331,11 +331,18 @@ class Requests:
     def __next__(self) -> Call:
         if self._ended:
             raise StopIteration
-        try:
-            data = self._inbox.get(timeout=self._idle)
-        except queue.Empty:
-            raise DeadlineExceeded(f"the client sent no message on this stream for {self._idle:g} s "
-                                   "(--stream-idle-seconds)") from None
+        give_up = time.monotonic() + self._idle
+        while True:  # looking every quarter second whether the call is still on: a client that
+            try:  # went away (cancelled, gone, past its deadline, cut by a stopping server) ends it now
+                data = self._inbox.get(timeout=min(0.25, max(give_up - time.monotonic(), 0.0)))
+                break
+            except queue.Empty:
+                if not self._context.is_active():
+                    self._ended = True
+                    raise StopIteration from None
+                if time.monotonic() >= give_up:
+                    raise DeadlineExceeded(f"the client sent no message on this stream for {self._idle:g} s "
+                                           "(--stream-idle-seconds)") from None
         return self._take(data)
 
     def ready(self) -> list[Call]:
