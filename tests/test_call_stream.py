@@ -22,6 +22,7 @@ from gradgate_server.service import GradientService
 from gradgate_server.sessions import SessionStore
 
 import gradgate as gg
+import gradgate.call_stream
 from gradgate import GradgateError
 from gradgate import codec
 from gradgate.call_stream import CARRIED, CallStream
@@ -246,6 +247,18 @@ def test_a_session_dropped_without_close_frees_its_stream() -> None:
         with client.session(g) as sess:
             sess.forward_backward(batch(1))
         assert streamed_calls(server) == 2 and unary_calls(server) == 0
+
+
+def test_the_sdk_ends_a_stream_it_has_not_used_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle stream holds a server thread: the SDK ends it after IDLE_SECONDS (20 s; here
+    0.5 s), long before the server's --stream-idle-seconds would, and opens another when needed."""
+    monkeypatch.setattr(gradgate.call_stream, "IDLE_SECONDS", 0.5)
+    with served() as server, gg.connect(server.address) as client, client.session(lecture(), POINT) as sess:
+        assert sess.forward_backward({"x": np.array([-2.0])}).loss == -12.0
+        wait_for(lambda: count(server, "grpc_server_handled_total", STREAM, grpc_code="OK") == 1, timeout=3,
+                 what="the idle stream to end")
+        assert sess.forward_backward({"x": np.array([-2.0])}).loss == -12.0
+        assert count(server, "grpc_server_started_total", STREAM) == 2 and unary_calls(server) == 0
 
 
 def test_the_server_ends_an_idle_stream_and_the_session_carries_on() -> None:

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -38,7 +38,7 @@ _BY_REQUEST = {m.input_type: m.name for m in _SERVICE.methods if not m.client_st
 CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields}
 _ANSWERS = {f.name: f.number for f in pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields}
 STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot
-IDLE_SECONDS = 20.0  # a stream unused this long is closed, well before a server's idle limit (60 s) ends it
+IDLE_SECONDS = 20.0  # a stream unused this long is ended (its server thread freed), well before a server's limit (60 s)
 REFUSED_SECONDS = 5.0  # after a refusal, calls go unary this long before a stream is tried again
 # the codes a server answers a call with (DESIGN.md, Errors); anything else ends the stream for
 # another reason (UNAVAILABLE or INTERNAL from a broken connection, CANCELLED, UNIMPLEMENTED)
@@ -47,6 +47,7 @@ ANSWERS = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED))
 # per-call deadlines: the wait for a stream's next message takes no timeout
 _DEADLINES = Watchdog(0.02, "gradgate-call-deadlines")
+_IDLE = Watchdog(0.25, "gradgate-stream-idle")  # pauses streams unused for IDLE_SECONDS
 
 
 class CallStream:
@@ -61,10 +62,11 @@ class CallStream:
         self._responses: Any = None  # grpc's call object: an iterator of the answers
         self._ends: weakref.finalize | None = None
         self._closed = False
-        self._used = 0.0  # time.monotonic() of the last answer
         self._refused_until = 0.0
         self._calls = 0
         self._expired = -1  # the number of the call whose deadline passed
+        self._idle_key = weakref.ref(self)  # the idle watchdog holds no reference to the stream
+        self._on_idle = _pause(self._idle_key)
 
     def call(self, method: str, request: Message, arrays: dict[str, Any], deadline: float
              ) -> tuple[Any, dict[str, dict[str, np.ndarray]]] | None:
@@ -111,6 +113,7 @@ class CallStream:
     def _end(self, until: float) -> None:
         """End the stream, and wait until ``until`` at most for the server to end it too: grpc
         cancels a call whose object is dropped before. The next call opens another."""
+        _IDLE.disarm(self._idle_key)
         if self._ends is None:
             return
         self._ends()  # puts the None that ends the requests
@@ -133,11 +136,8 @@ class CallStream:
         self._ends = weakref.finalize(self, self._requests.put, None)  # also when dropped without close
 
     def _send(self, method: str, data: bytes, deadline: float) -> bytes | None:
-        now = time.monotonic()
-        if self._responses is not None and now - self._used > IDLE_SECONDS:
-            self._end(min(deadline, now + 1.0))
         if self._responses is None:
-            if now < self._refused_until:
+            if time.monotonic() < self._refused_until:
                 return None
             self._open()
         assert self._requests is not None
@@ -169,7 +169,7 @@ class CallStream:
             return None
         finally:
             _DEADLINES.disarm((self, number))
-        self._used = time.monotonic()
+        _IDLE.arm(self._idle_key, IDLE_SECONDS, self._on_idle)
         return answer
 
     def _expire(self, number: int) -> None:
@@ -177,6 +177,14 @@ class CallStream:
         if number == self._calls and responses is not None:
             self._expired = number
             responses.cancel()
+
+
+def _pause(ref: weakref.ref[CallStream]) -> Callable[[], None]:
+    def expire() -> None:
+        stream = ref()
+        if stream is not None:
+            stream.pause()
+    return expire
 
 
 def _requests(inbox: queue.SimpleQueue, cell: list) -> Iterator[bytes]:
