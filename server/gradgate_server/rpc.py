@@ -298,7 +298,9 @@ class Requests:
     """A stream's requests as Calls, read ahead by a thread of its own so that waiting is
     bounded: ``next()`` waits at most ``idle_seconds`` for the client's next message, then
     raises DeadlineExceeded, so a client that opens a stream and goes quiet does not hold an
-    RPC thread for good; ``ready()`` takes the messages already here without waiting."""
+    RPC thread for good; it ends the requests at once when the call is over (the client
+    gone, or cut off by a stopping server). ``ready()`` takes the messages already here
+    without waiting."""
 
     def __init__(self, record: RpcRecord, datas: Iterator[bytes], context: grpc.ServicerContext,
                  decoded: Callable[[bytes, grpc.ServicerContext], Call], idle_seconds: float):
