@@ -417,7 +417,7 @@ def test_streams_of_every_kind_leave_a_thread_for_unary_calls() -> None:
 def test_one_rpc_thread_is_for_unary_calls_only() -> None:
     """--max-workers 1: no stream may take the only thread."""
     g = mlp()
-    with served(max_workers=1) as server, gg.connect(server.address, timeout=5) as client, \
+    with served(max_workers=1) as server, gg.connect(server.address, timeout=5, retry_seconds=0.5) as client, \
             client.session(g) as sess:
         assert np.isfinite(sess.forward_backward(batch(0)).loss)  # its CallStream refused: unary
         with pytest.raises(GradgateError) as refused:

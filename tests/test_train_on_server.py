@@ -555,3 +555,56 @@ def _in_requests(thread: threading.Thread) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def test_upload_and_train_wait_a_moment_for_a_stream_thread() -> None:
+    """A server with every stream thread taken refuses an upload or a Train with RESOURCE_EXHAUSTED
+    and `gradgate-streams: full`: the SDK tries again for retry_seconds, so gg.train goes ahead
+    once the thread is free, here after another client's quiet upload is cancelled."""
+    g = mlp()
+    data = spiral(30)
+    with serve("127.0.0.1:0", Config(max_workers=2, stream_idle_seconds=30, metrics_port=0)) as server, \
+            gg.connect(server.address, retry_seconds=5) as client, client.session(g) as sess:
+        quiet, other = threading.Event(), client.session(g)
+        announce = codec.encode(train_pb2.UploadDataRequest(session_id=other.id, rows=10),
+                                columns={"x": np.zeros((1, 2)), "y": np.zeros(1, np.int64)})
+
+        def first_then_quiet(quiet: threading.Event):
+            yield announce
+            quiet.wait(30)
+
+        held = client.stream("UploadData")[0].future(first_then_quiet(quiet))  # the one stream thread
+        wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
+                                                                 grpc_method="UploadData") == 1)
+        threading.Timer(1.0, held.cancel).start()
+        started = time.monotonic()
+        losses = gg.train(sess, data, gg.optim.SGD(0.1), epochs=1, batch_size=10, progress=False, on_server=True)
+        assert len(losses) == len(data["y"]) // 10 and time.monotonic() - started > 0.9
+        refused = Scrape.of(server.metrics_address).value("grpc_server_handled_total", grpc_method="UploadData",
+                                                          grpc_code="ResourceExhausted")
+        assert refused >= 1  # tried while the thread was taken
+        quiet.set()
+        # the same for a Train (its data uploaded already)
+        received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total", grpc_method="UploadData")
+        later = threading.Event()
+        held = client.stream("UploadData")[0].future(first_then_quiet(later))
+        wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
+                                                                 grpc_method="UploadData") > received)
+        threading.Timer(1.0, held.cancel).start()
+        replies = list(sess.train_stream(gg.optim.SGD(0.1), 10, 1, 0))
+        assert replies[-1].sync.done
+        assert Scrape.of(server.metrics_address).value("grpc_server_handled_total", grpc_method="Train",
+                                                       grpc_code="ResourceExhausted") >= 1
+        later.set()
+        with gg.connect(server.address, retry_seconds=0) as impatient, impatient.session(g) as third:
+            received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
+                                                               grpc_method="UploadData")
+            again = threading.Event()
+            held = client.stream("UploadData")[0].future(first_then_quiet(again))
+            wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
+                                                                     grpc_method="UploadData") > received)
+            with pytest.raises(gg.GradgateError) as e:  # no retries: refused at once
+                third.upload(data)
+            assert e.value.code == Code.RESOURCE_EXHAUSTED and "streams are open" in e.value.message
+            held.cancel()
+            again.set()

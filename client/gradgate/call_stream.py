@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,7 @@ _BY_REQUEST = {m.input_type: m.name for m in _SERVICE.methods if not m.client_st
 CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields}
 _ANSWERS = {f.name: f.number for f in pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields}
 STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot
+T = TypeVar("T")
 IDLE_SECONDS = 20.0  # a stream unused this long is ended (its server thread freed), well before a server's limit (60 s)
 REFUSED_SECONDS = 5.0  # after a refusal, calls go unary this long before a stream is tried again
 # the codes a server answers a call with (DESIGN.md, Errors); anything else ends the stream for
@@ -152,7 +153,7 @@ class CallStream:
             if self._expired == number:
                 raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     f"{method} had no answer within {self._client.timeout:g} s") from None
-            if any(k == STREAMS_FULL for k, _ in e.trailing_metadata() or ()):  # type: ignore[attr-defined]
+            if refused(e):
                 self._refused_until = time.monotonic() + REFUSED_SECONDS
                 return None
             if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
@@ -177,6 +178,26 @@ class CallStream:
         if number == self._calls and responses is not None:
             self._expired = number
             responses.cancel()
+
+
+def refused(error: grpc.RpcError) -> bool:
+    """Whether the server refused a stream for want of a stream slot or thread (it may take
+    one a moment later)."""
+    return any(k == STREAMS_FULL for k, _ in error.trailing_metadata() or ())  # type: ignore[attr-defined]
+
+
+def when_free(open_stream: Callable[[], T], retry_seconds: float) -> T:
+    """``open_stream()``, tried again while the server refuses the stream for want of a stream
+    thread, for ``retry_seconds`` at most, waiting 0.1 s, then twice as long each time (1 s at most)."""
+    give_up, wait = time.monotonic() + retry_seconds, 0.1
+    while True:
+        try:
+            return open_stream()
+        except grpc.RpcError as e:
+            if not refused(e) or time.monotonic() + wait > give_up:
+                raise
+        time.sleep(wait)
+        wait = min(2 * wait, 1.0)
 
 
 def _pause(ref: weakref.ref[CallStream]) -> Callable[[], None]:

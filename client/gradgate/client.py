@@ -78,7 +78,9 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
     name resolves to, e.g. a Kubernetes headless Service, balanced the same way); None (an
     embedded server). ``timeout``: seconds allowed for each call. ``retry_seconds``: how long a
     call that cannot reach a server (restarting, stopping, gone) keeps being re-sent before it
-    fails with UNAVAILABLE (at most half of ``timeout``); 0 turns retries off.
+    fails with UNAVAILABLE (at most half of ``timeout``), and an upload or Train the server has
+    no stream thread for is tried again before it fails with RESOURCE_EXHAUSTED; 0 turns
+    retries off.
     ``recover_sessions``: re-create a session the server no longer knows (restarted, expired,
     another replica) from the parameters last sent, instead of raising NOT_FOUND. ``token``: a
     bearer token sent with every call; ``tls``: ``gg.TLS(ca, cert, key)``, or True for the

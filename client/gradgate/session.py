@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from gradgate.call_stream import CARRIED, CallStream
+from gradgate.call_stream import CARRIED, CallStream, when_free
 from gradgate.codec import decode, dtype_of, encode, from_tensor_map, to_tensor_map
 from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.gradcheck import GradCheckReport, check_session
@@ -190,8 +190,8 @@ class Session:
             self._stream.pause()
         call, metadata = self.client.stream("UploadData", self.key)
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
-        try:
-            reply = call(chunks(), timeout=timeout, metadata=metadata)
+        try:  # a server whose stream threads are all taken may have one free a moment later
+            reply = when_free(lambda: call(chunks(), timeout=timeout, metadata=metadata), self.client.retry_seconds)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return int(decode(reply, train_pb2.UploadDataResponse)[0].bytes)
@@ -207,9 +207,17 @@ class Session:
         if self._stream is not None:  # its server thread serves the Train
             self._stream.pause()
         call, metadata = self.client.stream("Train", self.key)
+        request = train_pb2.TrainRequest(start=start).SerializeToString()
+
+        def opened() -> tuple[Iterator[bytes], bytes | None]:  # a refusal comes as the first answer
+            responses = call(iter([request]), metadata=metadata)
+            return responses, next(responses, None)
+
         try:
-            for data in call(iter([train_pb2.TrainRequest(start=start).SerializeToString()]), metadata=metadata):
+            responses, data = when_free(opened, self.client.retry_seconds)
+            while data is not None:
                 yield train_pb2.TrainResponse.FromString(data)
+                data = next(responses, None)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 

@@ -374,7 +374,8 @@ _NO_THREAD = "every RPC thread that streams may hold is taken (--max-workers - 1
 
 def _refuse(record: RpcRecord, context: grpc.ServicerContext, details: str, full: bool = False) -> None:
     """Refuse a stream for want of a slot or thread (raises, as grpc's abort does); ``full``
-    tells the SDK to send its calls unary (gradgate.call_stream)."""
+    tells the SDK so (gradgate.call_stream): it sends a CallStream's calls unary, and tries an
+    UploadData or Train again a moment later."""
     record.end(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
     if full:
         context.set_trailing_metadata(((STREAMS_FULL, "full"),))
@@ -390,7 +391,7 @@ def _opened(record: RpcRecord, context: grpc.ServicerContext, streams: Streams,
     except Exception as e:
         _abort(record, context, e)
     if not streams.threads.acquire(blocking=False):
-        _refuse(record, context, _NO_THREAD + "; try again shortly")
+        _refuse(record, context, _NO_THREAD + "; try again shortly", full=True)
 
 
 def _client_stream(record_of: Any, inner: Callable, decoded: Callable, streams: Streams,
