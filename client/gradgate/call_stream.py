@@ -37,7 +37,7 @@ _BY_REQUEST = {m.input_type: m.name for m in _SERVICE.methods if not m.client_st
 # unary method -> the number of the StreamCall field (and of the StreamAnswer one) that holds it
 CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields}
 _ANSWERS = {f.name: f.number for f in pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields}
-STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot
+STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot or thread
 T = TypeVar("T")
 IDLE_SECONDS = 20.0  # a stream unused this long is ended (its server thread freed), well before a server's limit (60 s)
 REFUSED_SECONDS = 5.0  # after a refusal, calls go unary this long before a stream is tried again
