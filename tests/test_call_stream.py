@@ -438,7 +438,7 @@ def test_aging_connections_never_cut_a_call_that_ran() -> None:
     g.set_loss(gg.sum(gg.batchnorm(x, gamma, beta, momentum=0.9, name="bn") ** 2) + 0.0 * gg.sum(big))
     params = {"gamma": np.ones(3), "beta": np.zeros(3), "big": np.zeros((1000, 1000))}
     data = np.random.default_rng(0).normal(size=(8, 3))
-    with both_ways(g, params, max_connection_age_seconds=0.4, grace_seconds=1.0) as (server, a, b):
+    with both_ways(g, params, max_connection_age_seconds=0.4, grace_seconds=2.0) as (server, a, b):
         calls, stop = 0, time.monotonic() + 4.0
         while time.monotonic() < stop and calls < 2000:
             a.forward_backward({"x": data + calls})
