@@ -186,9 +186,7 @@ class Session:
                     train_pb2.UploadDataRequest()
                 yield encode(request, columns={k: a[start:start + step] for k, a in columns.items()})
 
-        if self._stream is not None:  # its server thread serves the upload and the Train after it
-            self._stream.pause()
-        call, metadata = self.client.stream("UploadData", self.key)
+        call, metadata = self._data_stream("UploadData")
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
         try:  # a server whose stream threads are all taken may have one free a moment later
             reply = when_free(lambda: call(chunks(), timeout=timeout, metadata=metadata), self.client.retry_seconds)
@@ -204,9 +202,7 @@ class Session:
         if optimizer.step_count or start_step:
             start.optimizer_state.step = optimizer.step_count
             to_tensor_map(optimizer.state(), start.optimizer_state.slots)
-        if self._stream is not None:  # its server thread serves the Train
-            self._stream.pause()
-        call, metadata = self.client.stream("Train", self.key)
+        call, metadata = self._data_stream("Train")
         request = train_pb2.TrainRequest(start=start).SerializeToString()
 
         def opened() -> tuple[Iterator[bytes], bytes | None]:  # a refusal comes as the first answer
@@ -220,6 +216,13 @@ class Session:
                 data = next(responses, None)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+
+    def _data_stream(self, method: str) -> tuple[Any, Any]:
+        """The multi-callable of UploadData or Train, and its metadata; the session's CallStream
+        pauses first, so the server thread it holds serves them."""
+        if self._stream is not None:
+            self._stream.pause()
+        return self.client.stream(method, self.key)
 
     def _synced(self, sync: train_pb2.TrainSync, optimizer: Optimizer) -> dict[str, np.ndarray]:
         """Take a Train sync: the server's parameters and the optimizer's state as of it."""

@@ -27,7 +27,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from gradgate.call_stream import STREAMS_FULL
+from gradgate.call_stream import CARRIED, STREAMS_FULL
 from gradgate.codec import decode, decode_within, encode, encode_within
 from gradgate.watchdog import Watchdog
 from gradgate.v1 import gradient_service_pb2
@@ -38,7 +38,7 @@ from .errors import status_of
 from .metrics import Metrics, RpcRecord
 
 SERVICE = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"]
-CALL_STREAM = SERVICE.methods_by_name["CallStream"]
+CALL_STREAM = "CallStream"  # carries the unary calls in CARRIED (gradgate.call_stream)
 
 
 class Call:
@@ -86,20 +86,23 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
                               authenticate: Callable[[grpc.ServicerContext], None] | None = None,
                               streams: Streams | None = None) -> dict[str, grpc.RpcMethodHandler]:
     """Method name -> handler for every RPC of GradientService, bytes in and bytes out.
-    ``authenticate`` (auth.py) vets each call before its request is even decoded; ``streams``
+    ``authenticate`` (auth.py) vets each call before its request is even decoded (a stream
+    once, as it opens: its metadata cannot change); ``streams``
     bounds the open streams, and how long each waits for the client's next message (without:
     7 streams, 4 of them CallStreams, 60 s)."""
     streams = streams or Streams(7, 4, 60.0)
     handlers = {}
     for method in SERVICE.methods:
-        if method.name == CALL_STREAM.name:  # below: it carries the unary calls
+        if method.name == CALL_STREAM:  # below: it carries the unary calls
             continue
         request_type = message_factory.GetMessageClass(method.input_type)
         full_name = f"/{SERVICE.full_name}/{method.name}"
+        vet = None if method.client_streaming else authenticate  # streams: _vetted, as they open
 
-        def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type) -> Call:
-            if authenticate is not None:
-                authenticate(context)
+        def decoded(data: bytes, context: grpc.ServicerContext, request_type: Any = request_type,
+                    vet: Callable[[grpc.ServicerContext], None] | None = vet) -> Call:
+            if vet is not None:
+                vet(context)
             return Call(*decode(data, request_type, max_elements), context, max_message_bytes)
 
         inner = getattr(servicer, method.name)
@@ -110,15 +113,11 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
         else:
             handler = _unary(metrics.method(full_name, "unary"), inner, decoded)
         handlers[method.name] = handler
-    # a StreamCall's field names the unary call it holds: the one whose request type it has
-    unaries = {m.input_type: m for m in SERVICE.methods if not m.client_streaming}
-    carried = {}
-    for field in CALL_STREAM.input_type.oneofs[0].fields:
-        method = unaries[field.message_type]
-        carried[field.name] = (field.number, metrics.method(f"/{SERVICE.full_name}/{method.name}", "unary"),
-                               getattr(servicer, method.name))
-    handlers[CALL_STREAM.name] = _call_stream(
-        metrics.method(f"/{SERVICE.full_name}/{CALL_STREAM.name}", "bidi_stream"), carried,
+    carried = {StreamCall.DESCRIPTOR.fields_by_number[number].name:
+               (number, metrics.method(f"/{SERVICE.full_name}/{name}", "unary"), getattr(servicer, name))
+               for name, number in CARRIED.items()}
+    handlers[CALL_STREAM] = _call_stream(
+        metrics.method(f"/{SERVICE.full_name}/{CALL_STREAM}", "bidi_stream"), carried,
         streams, authenticate, max_elements, max_message_bytes)
     return handlers
 
@@ -199,15 +198,10 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
     method's metrics and its servicer method), one per request of a bidi stream, each answered
     in order as the unary call answers it; a call's error ends the stream with its status.
     Each call is also counted and logged as the unary call it stands for, so per-method
-    rates, errors and latencies read the same whichever way calls come. The stream is
-    authenticated once, at its start: its metadata cannot change."""
+    rates, errors and latencies read the same whichever way calls come."""
     def behavior(datas: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record = RpcRecord(record_of, context, None)
-        try:
-            if authenticate is not None:  # before a slot is taken
-                authenticate(context)
-        except Exception as e:
-            _abort(record, context, e)
+        _vetted(record, context, authenticate)  # before a slot is taken
         if not streams.open or not streams.slots.acquire(blocking=False):
             _refuse(record, context, "every CallStream slot of this server is taken (--max-call-streams); "
                                      "send the calls as unary calls", full=True)
@@ -382,14 +376,20 @@ def _refuse(record: RpcRecord, context: grpc.ServicerContext, details: str, full
     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
 
 
-def _opened(record: RpcRecord, context: grpc.ServicerContext, streams: Streams,
+def _vetted(record: RpcRecord, context: grpc.ServicerContext,
             authenticate: Callable[[grpc.ServicerContext], None] | None) -> None:
-    """Vet a client or bidi stream, then take a thread for it (released by the caller)."""
+    """Authenticate a stream as it opens, once for all its messages (ends it if that fails)."""
     try:
-        if authenticate is not None:  # before a thread is taken
+        if authenticate is not None:
             authenticate(context)
     except Exception as e:
         _abort(record, context, e)
+
+
+def _opened(record: RpcRecord, context: grpc.ServicerContext, streams: Streams,
+            authenticate: Callable[[grpc.ServicerContext], None] | None) -> None:
+    """Vet a client or bidi stream, then take a thread for it (released by the caller)."""
+    _vetted(record, context, authenticate)  # before a thread is taken
     if not streams.threads.acquire(blocking=False):
         _refuse(record, context, _NO_THREAD + "; try again shortly", full=True)
 
