@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ import gradgate as gg
 from gradgate import codec, schedule
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.v1 import train_pb2
-from gradgate_server import Config, serve
+from gradgate_server import Config, Server, serve
 
 from obs import Scrape, free_port, wait_for
 from procs import ROOT, ServerProcess
@@ -502,34 +503,17 @@ def test_an_upload_its_client_abandons_frees_its_thread_at_once() -> None:
     """A cancelled upload, or one cut off by a stopping server, ends its handler within a
     quarter second, not after --stream-idle-seconds: the one stream thread of a
     --max-workers 2 server serves the next upload."""
-    g = mlp()
-    announce = codec.encode(train_pb2.UploadDataRequest(rows=10), columns={"x": np.zeros((1, 2)),
-                                                                           "y": np.zeros(1, np.int64)})
     with serve("127.0.0.1:0", Config(max_workers=2, stream_idle_seconds=30, metrics_port=0)) as server, \
             gg.connect(server.address, call_streams=False, recover_sessions=False) as client:
-        sess = client.session(g)  # not closed: the server stops under it
-        quiet = threading.Event()
-
-        def first_then_quiet(first: bytes):
-            yield first
-            quiet.wait(30)
-
-        upload, _ = client.stream("UploadData")
-        request = train_pb2.UploadDataRequest(session_id=sess.id, rows=10).SerializeToString() + announce
-
-        def open_quiet_upload() -> grpc.Future:
-            received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total", grpc_method="UploadData")
-            call = upload.future(first_then_quiet(request))
-            wait_for(lambda: Scrape.of(server.metrics_address).value(
-                "grpc_server_msg_received_total", grpc_method="UploadData") > received, what="its first message")
-            return call
-
+        sess = client.session(mlp())  # not closed: the server stops under it
         for _ in range(3):
-            open_quiet_upload().cancel()
+            held, quiet = _hold_upload(server, client, sess.id)
+            held.cancel()
             started = time.monotonic()
             wait_for(lambda: _uploaded(sess), timeout=2, what="the thread to be free")  # refused meanwhile
             assert time.monotonic() - started < 2
-        stuck = open_quiet_upload()
+            quiet.set()
+        stuck, quiet = _hold_upload(server, client, sess.id)
         started = time.monotonic()
         server.stop(0.5)
         wait_for(lambda: not any(t.name.startswith("gradgate-rpc") and t.is_alive() and _in_requests(t)
@@ -537,6 +521,25 @@ def test_an_upload_its_client_abandons_frees_its_thread_at_once() -> None:
         assert time.monotonic() - started < 3  # the grace, then a quarter second
         stuck.cancel()  # the client's retries would wait for the server for a while
         quiet.set()
+
+
+def _hold_upload(server: Server, client: gg.Client, session_id: str) -> tuple[grpc.Future, threading.Event]:
+    """An UploadData that sends its first chunk, then nothing until the event is set: it holds
+    a stream thread of the server. Returns once the server has its first message."""
+    received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total", grpc_method="UploadData")
+    first = codec.encode(train_pb2.UploadDataRequest(session_id=session_id, rows=10),
+                         columns={"x": np.zeros((1, 2)), "y": np.zeros(1, np.int64)})
+    quiet = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield first
+        quiet.wait(30)
+
+    held = client.stream("UploadData")[0].future(requests())
+    wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
+                                                             grpc_method="UploadData") > received,
+             what="the held upload's first message")
+    return held, quiet
 
 
 def _uploaded(sess: gg.Session) -> bool:
@@ -565,17 +568,8 @@ def test_upload_and_train_wait_a_moment_for_a_stream_thread() -> None:
     data = spiral(30)
     with serve("127.0.0.1:0", Config(max_workers=2, stream_idle_seconds=30, metrics_port=0)) as server, \
             gg.connect(server.address, retry_seconds=5) as client, client.session(g) as sess:
-        quiet, other = threading.Event(), client.session(g)
-        announce = codec.encode(train_pb2.UploadDataRequest(session_id=other.id, rows=10),
-                                columns={"x": np.zeros((1, 2)), "y": np.zeros(1, np.int64)})
-
-        def first_then_quiet(quiet: threading.Event):
-            yield announce
-            quiet.wait(30)
-
-        held = client.stream("UploadData")[0].future(first_then_quiet(quiet))  # the one stream thread
-        wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
-                                                                 grpc_method="UploadData") == 1)
+        other = client.session(g)
+        held, quiet = _hold_upload(server, client, other.id)  # the one stream thread
         threading.Timer(1.0, held.cancel).start()
         started = time.monotonic()
         losses = gg.train(sess, data, gg.optim.SGD(0.1), epochs=1, batch_size=10, progress=False, on_server=True)
@@ -585,26 +579,17 @@ def test_upload_and_train_wait_a_moment_for_a_stream_thread() -> None:
         assert refused >= 1  # tried while the thread was taken
         quiet.set()
         # the same for a Train (its data uploaded already)
-        received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total", grpc_method="UploadData")
-        later = threading.Event()
-        held = client.stream("UploadData")[0].future(first_then_quiet(later))
-        wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
-                                                                 grpc_method="UploadData") > received)
+        held, quiet = _hold_upload(server, client, other.id)
         threading.Timer(1.0, held.cancel).start()
         replies = list(sess.train_stream(gg.optim.SGD(0.1), 10, 1, 0))
         assert replies[-1].sync.done
         assert Scrape.of(server.metrics_address).value("grpc_server_handled_total", grpc_method="Train",
                                                        grpc_code="ResourceExhausted") >= 1
-        later.set()
+        quiet.set()
         with gg.connect(server.address, retry_seconds=0) as impatient, impatient.session(g) as third:
-            received = Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
-                                                               grpc_method="UploadData")
-            again = threading.Event()
-            held = client.stream("UploadData")[0].future(first_then_quiet(again))
-            wait_for(lambda: Scrape.of(server.metrics_address).value("grpc_server_msg_received_total",
-                                                                     grpc_method="UploadData") > received)
+            held, quiet = _hold_upload(server, client, other.id)
             with pytest.raises(gg.GradgateError) as e:  # no retries: refused at once
                 third.upload(data)
             assert e.value.code == Code.RESOURCE_EXHAUSTED and "streams are open" in e.value.message
             held.cancel()
-            again.set()
+            quiet.set()
