@@ -20,6 +20,9 @@ Targets (issue 7):
       measured as unary calls, for reference) <= 1.3 x an empty unary call; for reference, its
       forward and backward as two calls over the stream against two unary calls
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
+T2 and T16 are measured as the SDK sends them to a server on this host (big calls through
+shared memory, gradgate.shared_memory), and, for reference, over the socket
+(shared_memory=False) as to a server elsewhere.
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
 modules, when present) the convnet step against PyTorch, 2 replicas against 1, a server
 process on one core (--cpus) against one free to use any, and how long a /metrics scrape
@@ -235,7 +238,8 @@ class Echo:
 
 # -- the targets ---------------------------------------------------------------------------
 
-def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool) -> list[Row]:
+def training_rows(client: gg.Client, socket_client: gg.Client, echo: Echo, batches: list[int],
+                  quick: bool) -> list[Row]:
     g = mlp()
     plan = compile_graph(g.to_proto())
     init = gg.init_params(g, seed=0)
@@ -251,8 +255,9 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
             tape = forward(plan, batch, local_params)
             local_params = local_opt.step(local_params, backward(plan, tape, plan.params))
 
-        with client.session(g, init) as sess:
+        with client.session(g, init) as sess, socket_client.session(g, init) as socket_sess:
             client_driven = client_driven_step(sess, batch)
+            over_socket = client_driven_step(socket_sess, batch)
             sess.upload(data)
             server_opt = gg.optim.Adam(1e-3)
             epochs = max(1, steps * n // len(data["y"]))
@@ -265,8 +270,8 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
             down = sum(a.nbytes for a in init.values())
             torch_step = torch_training_step(batch, init) if n == 256 else None
             rounds = 2 if quick else 9  # a median of many: single rounds here move by 1.5x on this machine
-            t = interleaved({"in_process": in_process, "client_driven": client_driven, "echo": echo.moving(up, down)},
-                            max(6, steps // 2), rounds)
+            t = interleaved({"in_process": in_process, "client_driven": client_driven, "socket": over_socket,
+                             "echo": echo.moving(up, down)}, max(6, steps // 2), rounds)
             # a whole Train stream against as many local steps, alternating, so all see the same machine
             total_steps = epochs * (len(data["y"]) // n)
             runs = {"on_server": on_server, "in_process_run": _repeat(in_process, total_steps)}
@@ -285,6 +290,9 @@ def training_rows(client: gg.Client, echo: Echo, batches: list[int], quick: bool
                            f"raw echo of {(up + down) / 2**20:.2f} MiB {ms(t['echo'])}",
                            t.ratio(lambda x: (x["client_driven"] - x["in_process"]) / x["echo"]), "<= 1.2",
                            lambda v: v <= 1.2))
+        rows.append(Row.of(f"T2 batch {n} over the socket", f"shared_memory=False {ms(t['socket'])} "
+                           f"(wire {ms(t['socket'] - t['in_process'])})", f"raw echo {ms(t['echo'])}",
+                           t.ratio(lambda x: (x["socket"] - x["in_process"]) / x["echo"])))
     return rows
 
 
@@ -323,16 +331,18 @@ def tiny_rows(client: gg.Client, unary_client: gg.Client, echo: Echo, quick: boo
                    f"two unary calls {ms(t['two_unary'])}", t.ratio(lambda x: x["two"] / x["two_unary"]))]
 
 
-def big_tensor_row(client: gg.Client, echo: Echo, quick: bool) -> Row:
+def big_tensor_rows(client: gg.Client, socket_client: gg.Client, echo: Echo, quick: bool) -> list[Row]:
     g = gg.Graph("float32")
     x = g.input("x", (None, 2**20))
     g.set_loss(gg.sum(x))
     big = np.random.default_rng(0).normal(size=(4, 2**20)).astype(np.float32)  # 16 MiB
-    with client.session(g, {}) as sess:
-        t = interleaved({"forward": lambda: sess.forward({"x": big}), "raw": echo.moving(big.nbytes, 16)},
-                        4 if quick else 60)
-    return Row.of("T16 16 MiB input", f"Forward {ms(t['forward'])}", f"raw grpcio call {ms(t['raw'])}",
-                  t.ratio(lambda x: x["forward"] / x["raw"]), "<= 1.25", lambda v: v <= 1.25)
+    with client.session(g, {}) as sess, socket_client.session(g, {}) as socket_sess:
+        t = interleaved({"forward": lambda: sess.forward({"x": big}), "socket": lambda: socket_sess.forward({"x": big}),
+                         "raw": echo.moving(big.nbytes, 16)}, 4 if quick else 60)
+    return [Row.of("T16 16 MiB input", f"Forward {ms(t['forward'])}", f"raw grpcio call {ms(t['raw'])}",
+                   t.ratio(lambda x: x["forward"] / x["raw"]), "<= 1.25", lambda v: v <= 1.25),
+            Row.of("T16 over the socket", f"Forward, shared_memory=False {ms(t['socket'])}",
+                   f"raw grpcio call {ms(t['raw'])}", t.ratio(lambda x: x["socket"] / x["raw"]))]
 
 
 def blas_rows(quick: bool) -> list[Row]:
@@ -412,12 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     with threadpoolctl.threadpool_limits(1, user_api="blas"), serve("127.0.0.1:0", Config()) as server, \
             gg.connect(server.address, timeout=120) as client, \
-            gg.connect(server.address, timeout=120, call_streams=False) as unary_client:
+            gg.connect(server.address, timeout=120, call_streams=False) as unary_client, \
+            gg.connect(server.address, timeout=120, shared_memory=False) as socket_client:
         echo = Echo()
         try:
-            rows += training_rows(client, echo, batches, args.quick)
+            rows += training_rows(client, socket_client, echo, batches, args.quick)
             rows += tiny_rows(client, unary_client, echo, args.quick)
-            rows.append(big_tensor_row(client, echo, args.quick))
+            rows += big_tensor_rows(client, socket_client, echo, args.quick)
         finally:
             echo.close()
         rows += reference_rows(batches, args.quick)

@@ -293,15 +293,35 @@ def test_stream_calls_without_a_call_or_not_protobuf() -> None:
         codec.decode_within(big, pb.StreamCall, max_elements=10)
 
 
+def test_pieces_write_the_bytes_encode_within_joins() -> None:
+    """A call copied into a buffer (a shared-memory region) piece by piece is the same message."""
+    request = pb.ForwardBackwardRequest(session_id="s", seed=3)
+    arrays = {"inputs": {"x": np.arange(12.0).reshape(3, 4), "y": np.arange(3)},
+              "params": {"w": np.ones((4, 2), np.float32), "b": np.float32(0.5)}}
+    pieces = codec.pieces_within(3, request, **arrays)
+    buffer = bytearray(pieces.nbytes + 10)
+    pieces.write_to(buffer)
+    data = codec.encode_within(3, request, **arrays)
+    assert pieces.nbytes == len(data) and bytes(buffer[:len(data)]) == data
+    name, message, maps = codec.decode_within(bytes(buffer[:len(data)]), pb.StreamCall)
+    assert (name, message.seed) == ("forward_backward", 3)
+    np.testing.assert_array_equal(maps["params"]["w"], np.ones((4, 2), np.float32))
+
+
 def test_stream_answers_mirror_stream_calls() -> None:
-    """StreamAnswer holds each unary call's response in the field of that call's number."""
+    """StreamAnswer holds each unary call's response in the field of that call's number; the
+    fields after the calls are the shared-memory region's."""
     service = pb.DESCRIPTOR.services_by_name["GradientService"]
     by_request = {m.input_type: m for m in service.methods}
     answers = pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields
-    calls = pb.StreamCall.DESCRIPTOR.oneofs[0].fields
-    assert [(f.name, f.number) for f in calls] == [(f.name, f.number) for f in answers]
+    calls = [f for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields if f.message_type in by_request]
+    assert [(f.name, f.number) for f in calls] == [(f.name, f.number) for f in answers[:len(calls)]]
     for call, answer in zip(calls, answers):
         assert by_request[call.message_type].output_type is answer.message_type
+    assert [(f.name, f.number, f.message_type.name) for f in answers[len(calls):]] == [
+        ("region", 6, "SharedRegion"), ("in_region", 7, "InRegion")]
+    assert [(f.name, f.number) for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields[len(calls):]] == [
+        ("open_region", 6), ("in_region", 7)]
 
 
 @settings(max_examples=300)

@@ -24,8 +24,9 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from gradgate.codec import decode_within, encode_within
+from gradgate.codec import decode_within, pieces_within
 from gradgate.errors import GradgateError, from_rpc_error
+from gradgate.shared_memory import MIN_BYTES, SUPPORTED, Region, size_for
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
@@ -35,8 +36,10 @@ if TYPE_CHECKING:
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
 _BY_REQUEST = {m.input_type: m.name for m in _SERVICE.methods if not m.client_streaming}
 # unary method -> the number of the StreamCall field (and of the StreamAnswer one) that holds it
-CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields}
+CARRIED = {_BY_REQUEST[f.message_type]: f.number for f in pb.StreamCall.DESCRIPTOR.oneofs[0].fields
+           if f.message_type in _BY_REQUEST}
 _ANSWERS = {f.name: f.number for f in pb.StreamAnswer.DESCRIPTOR.oneofs[0].fields}
+_IN_REGION = bytes([_ANSWERS["in_region"] << 3 | 2])  # the first byte of an answer left in the shared region
 STREAMS_FULL = "gradgate-streams"  # trailing metadata of a stream the server refused for want of a slot or thread
 T = TypeVar("T")
 IDLE_SECONDS = 20.0  # a stream unused this long is ended (its server thread freed), well before a server's limit (60 s)
@@ -68,6 +71,9 @@ class CallStream:
         self._expired = -1  # the number of the call whose deadline passed
         self._idle_key = weakref.ref(self)  # the idle watchdog holds no reference to the stream
         self._on_idle = _pause(self._idle_key)
+        self._region: Region | None = None  # the stream's shared memory (gradgate.shared_memory)
+        self._biggest = 0  # the biggest call or answer yet
+        self._shared = client.shared_memory and SUPPORTED  # False once a server offers no region
 
     def call(self, method: str, request: Message, arrays: dict[str, Any], deadline: float
              ) -> tuple[Any, dict[str, dict[str, np.ndarray]]] | None:
@@ -77,10 +83,22 @@ class CallStream:
         try:
             if self._closed:
                 return None
-            data = encode_within(number, request, **arrays)
-            if len(data) > self._client.max_message_bytes:  # a StreamCall is a few bytes longer than
+            pieces = pieces_within(number, request, **arrays)
+            if pieces.nbytes > self._client.max_message_bytes:  # a StreamCall is a few bytes longer than
                 return None  # the unary request, which may fit
+            self._share(pieces.nbytes, deadline)
+            region = self._region
+            if region is not None and pieces.nbytes <= region.size:
+                data = region.write(pieces)
+            else:  # the server answers a call that came on the stream itself there too
+                data, region = b"".join(pieces.parts), None
             answer = self._send(method, data, deadline)
+            if region is not None and answer is not None and answer[:1] == _IN_REGION:
+                answer = region.read(pb.StreamAnswer.FromString(answer).in_region.length)
+                if answer is None:
+                    raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered {method} with a length "
+                                                                  "outside its shared-memory region")
+            self._biggest = max(self._biggest, len(answer or b""))
         finally:
             self._lock.release()
         if answer is None:
@@ -111,10 +129,38 @@ class CallStream:
             finally:
                 self._lock.release()
 
+    def _share(self, size: int, deadline: float) -> None:
+        """Before a call of ``size`` bytes: once the stream moves big messages, ask the server
+        for a shared-memory region big enough for them (its answer costs one round trip)."""
+        self._biggest = max(self._biggest, size)
+        limit = self._client.max_message_bytes
+        if not self._shared or self._biggest < MIN_BYTES or (
+                self._region is not None and (self._biggest <= self._region.size or self._region.size >= limit)):
+            return
+        ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=size_for(self._biggest, limit)))
+        try:
+            answer = self._send("open_region", ask.SerializeToString(), deadline)
+        except GradgateError as e:  # a server that predates regions: the call goes on, over a new stream
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            answer = None
+            self._shared = False
+        if answer is None:
+            return
+        self._close_region()
+        self._region = Region.mapped(pb.StreamAnswer.FromString(answer).region)
+        self._shared = self._region is not None
+
+    def _close_region(self) -> None:
+        if self._region is not None:
+            self._region.close()
+            self._region = None
+
     def _end(self, until: float) -> None:
         """End the stream, and wait until ``until`` at most for the server to end it too: grpc
         cancels a call whose object is dropped before. The next call opens another."""
         _IDLE.disarm(self._idle_key)
+        self._close_region()  # the server's ends with its stream
         if self._ends is None:
             return
         self._ends()  # puts the None that ends the requests

@@ -69,7 +69,7 @@ class OpInfo:
 def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT,
             retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
             recover_sessions: bool = True, token: str | None = None,
-            tls: TLS | bool | None = None, call_streams: bool = True) -> Client:
+            tls: TLS | bool | None = None, call_streams: bool = True, shared_memory: bool = True) -> Client:
     """Connect to a server, to several replicas, or start an embedded server on a free local port.
 
     ``address``: ``"host:port"`` (one server, or a proxy such as nginx in front of replicas);
@@ -87,7 +87,9 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
     system's root certificates (gradgate.security). ``call_streams``: send each session's
     calls (forward, backward, forward_backward, set_params, get_params) over one stream, a
     quarter of a millisecond faster per call
-    (gradgate.call_stream); False sends every call unary.
+    (gradgate.call_stream); False sends every call unary. ``shared_memory``: with a server on
+    this host, running as the same user, copy a stream's big calls and answers through memory
+    both processes map instead of the socket (gradgate.shared_memory); False keeps them on the stream.
     """
     server = None
     if address is None:
@@ -97,7 +99,7 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
         address = server.address
     return Client(address, timeout=timeout, retry_seconds=retry_seconds, max_message_bytes=max_message_bytes,
                   server=server, recover_sessions=recover_sessions, token=token, tls=tls,
-                  call_streams=call_streams)
+                  call_streams=call_streams, shared_memory=shared_memory)
 
 
 def channel_target(address: str | Sequence[str]) -> tuple[str, bool]:
@@ -167,14 +169,14 @@ class Client:
     def __init__(self, address: str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT,
                  retry_seconds: float = DEFAULT_RETRY_SECONDS, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  server: Any = None, recover_sessions: bool = True, token: str | None = None,
-                 tls: TLS | bool | None = None, call_streams: bool = True):
+                 tls: TLS | bool | None = None, call_streams: bool = True, shared_memory: bool = True):
         tune_malloc()  # tensors of a megabyte or more: see gradgate.memory
         if timeout <= 0 or retry_seconds < 0:
             raise ValueError(f"timeout must be > 0 and retry_seconds >= 0, got {timeout} and {retry_seconds}")
         target, self.balanced = channel_target(address)
         self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout, self.retry_seconds, self.recover_sessions = timeout, retry_seconds, recover_sessions
-        self.call_streams = call_streams
+        self.call_streams, self.shared_memory = call_streams, shared_memory
         self._server = server  # an embedded server, stopped with the client
         if self.balanced:
             os.environ[RING_HASH_FLAG] = "true"  # before the channel parses its service config

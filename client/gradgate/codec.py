@@ -297,12 +297,34 @@ def encode(message: Message, **tensors: Any) -> bytes:
 def encode_within(number: int, message: Message, /, **tensors: Any) -> bytes:
     """``encode(message, **tensors)`` as field ``number`` of an enclosing message that holds
     nothing else (a StreamCall or StreamAnswer), still in one copy; ``decode_within`` reads it."""
+    return b"".join(pieces_within(number, message, **tensors).parts)
+
+
+class Pieces:
+    """An encoded message not yet copied together: ``nbytes`` long; ``write_to`` copies it
+    into a writable buffer (a shared-memory region) instead of a new bytes object."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: list[Any], nbytes: int):
+        self.parts, self.nbytes = parts, nbytes
+
+    def write_to(self, buffer: Any) -> None:
+        at = 0
+        for part in self.parts:
+            data = part if type(part) is bytes else memoryview(part).cast("B")  # an array's bytes, any shape
+            buffer[at:at + len(data)] = data
+            at += len(data)
+
+
+def pieces_within(number: int, message: Message, /, **tensors: Any) -> Pieces:
+    """``encode_within``'s message, in pieces."""
     tag = _varint(number << 3 | 2)
     start = len(tag) + 5  # the length takes five bytes: the offsets after it come first
     parts: list[Any] = [tag, b"", message.SerializeToString()]
     end = _write(parts, start + len(parts[2]), type(message), tensors)
     parts[1] = _padded(end - start, 5 - len(_varint(end - start)))
-    return b"".join(parts)
+    return Pieces(parts, end)
 
 
 def _write(parts: list, at: int, cls: type[Message], tensors: Mapping[str, Any]) -> int:

@@ -128,7 +128,8 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     # age out, a CallStream older than half the grace ends between calls, before its connection
     # is cut, so no call is cut after it ran.
     streams = Streams(config.max_workers - 1, config.max_call_streams, config.stream_idle_seconds,
-                      config.grace_seconds / 2 if config.max_connection_age_seconds > 0 else math.inf)
+                      config.grace_seconds / 2 if config.max_connection_age_seconds > 0 else math.inf,
+                      config.shared_memory)
     handlers = gradient_service_handlers(GradientService(store, config, metrics), metrics,
                                          config.max_message_bytes, config.max_tensor_elements, authenticator,
                                          streams)

@@ -89,6 +89,11 @@ class Metrics:
         self.nonfinite = Counter("gradgate_nonfinite_values_total",
                                  "NaN or infinite values computed, in losses or in gradients.", ["kind"],
                                  registry=r)
+        self.shared_memory_bytes = Gauge("gradgate_shared_memory_bytes",
+                                         "Bytes of the shared-memory regions lent to local clients' CallStreams.",
+                                         registry=r)
+        self.shared_memory_calls = Counter("gradgate_shared_memory_calls_total",
+                                           "CallStream calls that came through a shared-memory region.", registry=r)
         Info("gradgate_build", "Build information; the value is always 1.", registry=r).info(
             {"version": version, "python_version": platform.python_version(), "grpc_version": grpc.__version__,
              "numpy_version": np.__version__})

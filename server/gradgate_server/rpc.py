@@ -36,6 +36,7 @@ from gradgate.v1.gradient_service_pb2 import StreamCall
 from .engine import DeadlineExceeded, InvalidArgument, ResourceExhausted, Watch
 from .errors import status_of
 from .metrics import Metrics, RpcRecord
+from .shared_memory import Lane, local
 
 SERVICE = gradient_service_pb2.DESCRIPTOR.services_by_name["GradientService"]
 CALL_STREAM = "CallStream"  # carries the unary calls in CARRIED (gradgate.call_stream)
@@ -118,7 +119,7 @@ def gradient_service_handlers(servicer: Any, metrics: Metrics, max_message_bytes
                for name, number in CARRIED.items()}
     handlers[CALL_STREAM] = _call_stream(
         metrics.method(f"/{SERVICE.full_name}/{CALL_STREAM}", "bidi_stream"), carried,
-        streams, authenticate, max_elements, max_message_bytes)
+        streams, authenticate, max_elements, max_message_bytes, metrics)
     return handlers
 
 
@@ -159,12 +160,15 @@ class Streams:
     again. It ends once its answer has been sent and the client has sent no next request for
     ``idle_seconds`` (a watchdog ends it: waiting costs no reader thread of its own), after
     ``max_age_seconds``, and when the server stops or the interpreter exits (which waits for
-    every RPC thread)."""
+    every RPC thread). ``shared_memory``: a CallStream from a client on this host may ask for a
+    shared-memory region for its big calls (shared_memory.py)."""
 
-    def __init__(self, threads: int, call_streams: int, idle_seconds: float, max_age_seconds: float = math.inf):
+    def __init__(self, threads: int, call_streams: int, idle_seconds: float, max_age_seconds: float = math.inf,
+                 shared_memory: bool = False):
         self.threads = threading.BoundedSemaphore(max(threads, 0))  # 0 (--max-workers 1): no stream at all
         self.slots, self.idle_seconds = threading.BoundedSemaphore(max(call_streams, 0)), idle_seconds
         self.max_age_seconds = max_age_seconds
+        self.shared_memory = shared_memory  # a local client's CallStream may ask for a region (shared_memory.py)
         self.open = call_streams > 0
         self.stopping = False
         self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle")
@@ -193,7 +197,7 @@ getattr(threading, "_register_atexit", atexit.register)(_exiting)
 
 def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Call], bytes]]],
                  streams: Streams, authenticate: Callable[[grpc.ServicerContext], None] | None,
-                 max_elements: int, max_message_bytes: int) -> grpc.RpcMethodHandler:
+                 max_elements: int, max_message_bytes: int, metrics: Metrics) -> grpc.RpcMethodHandler:
     """Calls of the unary methods in ``carried`` (StreamCall's field -> its number, the
     method's metrics and its servicer method), one per request of a bidi stream, each answered
     in order as the unary call answers it; a call's error ends the stream with its status.
@@ -209,6 +213,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
             streams.slots.release()
             _refuse(record, context, _NO_THREAD + "; send the calls as unary calls", full=True)
         ends, failed, cancelled = time.monotonic() + streams.max_age_seconds, None, []
+        lane = Lane(streams.shared_memory and local(context.peer()), max_message_bytes, metrics)
         running: list[bool] = []  # a request read and being run: cancel() leaves it be
         lock = threading.Lock()
 
@@ -247,13 +252,20 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 each = None
                 try:
                     name, msg, arrays = decode_within(data, StreamCall, max_elements)
-                    if name not in carried:
+                    shared = name == "in_region"
+                    if shared:  # the call is in the stream's shared-memory region
+                        data = lane.read(msg)
+                        name, msg, arrays = decode_within(data, StreamCall, max_elements)
+                    if name == "open_region" and not shared:
+                        response = lane.open(msg)
+                    elif name not in carried:
                         raise InvalidArgument("a StreamCall holds no call (set one field of its oneof)", "call")
-                    number, call_record_of, inner = carried[name]
-                    each = RpcRecord(call_record_of, context, len(data))
-                    call = Call(msg, arrays, context, max_message_bytes, number)
-                    record.session = each.session = call.session_id
-                    response = inner(call)
+                    else:
+                        number, call_record_of, inner = carried[name]
+                        each = RpcRecord(call_record_of, context, len(data))
+                        call = Call(msg, arrays, context, max_message_bytes, number)
+                        record.session = each.session = call.session_id
+                        response = inner(call)
                 except Unanswered as e:  # nothing ran or changed: the client sends the call unary
                     if each is not None:
                         each.end(grpc.StatusCode.CANCELLED, str(e))
@@ -264,8 +276,11 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                         each.end(failed.code, failed.details)
                     record.end(failed.code, failed.details)
                     break
-                each.sent(len(response))
-                each.end()
+                if each is not None:
+                    each.sent(len(response))
+                    each.end()
+                    if shared:
+                        response = lane.answer(response)
                 record.sent(len(response))
                 running.clear()  # the answer is handed over: the idle clock runs from here
                 streams.watchdog.arm(context, streams.idle_seconds, cancel)
@@ -280,6 +295,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
         else:
             end()  # a no-op after a failed call
         finally:
+            lane.close()
             streams.watchdog.disarm(context)
             streams.threads.release()
             streams.slots.release()

@@ -273,32 +273,64 @@ class GetParametersResponse(_message.Message):
     def __init__(self, params: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., buffers: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class StreamCall(_message.Message):
-    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters")
+    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters", "open_region", "in_region")
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     SET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     GET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_REGION_FIELD_NUMBER: _ClassVar[int]
+    IN_REGION_FIELD_NUMBER: _ClassVar[int]
     forward: ForwardRequest
     backward: BackwardRequest
     forward_backward: ForwardBackwardRequest
     set_parameters: SetParametersRequest
     get_parameters: GetParametersRequest
-    def __init__(self, forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersRequest, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersRequest, _Mapping]] = ...) -> None: ...
+    open_region: SharedRegionRequest
+    in_region: InRegion
+    def __init__(self, forward: _Optional[_Union[ForwardRequest, _Mapping]] = ..., backward: _Optional[_Union[BackwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardRequest, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersRequest, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersRequest, _Mapping]] = ..., open_region: _Optional[_Union[SharedRegionRequest, _Mapping]] = ..., in_region: _Optional[_Union[InRegion, _Mapping]] = ...) -> None: ...
 
 class StreamAnswer(_message.Message):
-    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters")
+    __slots__ = ("forward", "backward", "forward_backward", "set_parameters", "get_parameters", "region", "in_region")
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     SET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     GET_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    IN_REGION_FIELD_NUMBER: _ClassVar[int]
     forward: ForwardResponse
     backward: BackwardResponse
     forward_backward: ForwardBackwardResponse
     set_parameters: SetParametersResponse
     get_parameters: GetParametersResponse
-    def __init__(self, forward: _Optional[_Union[ForwardResponse, _Mapping]] = ..., backward: _Optional[_Union[BackwardResponse, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersResponse, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ...) -> None: ...
+    region: SharedRegion
+    in_region: InRegion
+    def __init__(self, forward: _Optional[_Union[ForwardResponse, _Mapping]] = ..., backward: _Optional[_Union[BackwardResponse, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersResponse, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., in_region: _Optional[_Union[InRegion, _Mapping]] = ...) -> None: ...
+
+class SharedRegionRequest(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
+
+class SharedRegion(_message.Message):
+    __slots__ = ("size", "pid", "fd", "token")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    pid: int
+    fd: int
+    token: bytes
+    def __init__(self, size: _Optional[int] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class InRegion(_message.Message):
+    __slots__ = ("length",)
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    length: int
+    def __init__(self, length: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -1,0 +1,296 @@
+"""A CallStream's big calls through shared memory (gradgate.shared_memory and
+gradgate_server.shared_memory), against real servers on 127.0.0.1, in this process and in
+another, read back from their /metrics; and the protocol as an attacker would send it."""
+from __future__ import annotations
+
+import os
+import queue
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+import pytest
+from gradgate_server import Config, Server, serve
+from gradgate_server import shared_memory as server_side
+from gradgate_server.engine import InvalidArgument
+
+import gradgate as gg
+from gradgate import codec
+from gradgate.shared_memory import Region
+from gradgate.v1 import gradient_service_pb2 as pb
+
+from obs import GRADIENT_SERVICE, Scrape, wait_for
+from procs import ServerProcess
+
+MiB = 2**20
+
+
+@contextmanager
+def served(**config: object) -> Iterator[Server]:
+    with serve("127.0.0.1:0", Config(metrics_port=0, **config)) as server:  # type: ignore[arg-type]
+        yield server
+
+
+def metric(address: str, name: str, **labels: str) -> float:
+    return Scrape.of(address).value(name, **labels)
+
+
+def shared_calls(address: str) -> float:
+    return metric(address, "gradgate_shared_memory_calls_total")
+
+
+def stream_messages(address: str) -> float:
+    return metric(address, "grpc_server_msg_received_total", grpc_service=GRADIENT_SERVICE, grpc_method="CallStream")
+
+
+def wide() -> gg.Graph:
+    """A layer whose parameters (640 KB) make every step's call and answer big."""
+    g = gg.Graph("float64")
+    x, y = g.input("x", (None, 200)), g.input("y", (None,), dtype="int64")
+    w1, w2 = g.param("W1", (200, 400)), g.param("W2", (400, 3))
+    g.set_loss(gg.softmax_cross_entropy(gg.tanh(x @ w1) @ w2, y))
+    return g
+
+
+def batch(seed: int, n: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(n, 200)), "y": rng.integers(0, 3, n)}
+
+
+def test_big_calls_go_through_shared_memory_and_answer_as_over_the_stream() -> None:
+    g = wide()
+    params = gg.init_params(g, seed=0)
+    with served() as server, gg.connect(server.address) as shared, \
+            gg.connect(server.address, shared_memory=False) as socket:
+        with shared.session(g, params) as a, socket.session(g, params) as b:
+            params_a = params_b = params
+            for step in range(4):
+                sent = params_a
+                la, ga = a.forward_backward(batch(step), params=params_a)
+                lb, gb = b.forward_backward(batch(step), params=params_b)
+                assert la == lb
+                for k in params:
+                    np.testing.assert_array_equal(ga[k], gb[k])
+                params_a = {k: v - 0.1 * ga[k] for k, v in params_a.items()}
+                params_b = {k: v - 0.1 * gb[k] for k, v in params_b.items()}
+            got, got_b = a.get_params(), b.get_params()
+            for k in params:
+                np.testing.assert_array_equal(got[k], got_b[k])
+                np.testing.assert_array_equal(got[k], sent[k])  # what the last step set
+            address = server.metrics_address
+            # a's region request, then its 4 steps and get_params, all in the region; b's calls beside it
+            assert shared_calls(address) == 5
+            assert stream_messages(address) == 1 + 5 + 5
+            assert metric(address, "gradgate_shared_memory_bytes") == 2 * MiB  # twice a step's call, in MiB
+        wait_for(lambda: metric(address, "gradgate_shared_memory_bytes") == 0, what="the region freed")
+
+
+def test_small_calls_stay_on_the_stream() -> None:
+    """The lecture's f = (x + y) z: nothing to gain from a region, so none is asked for."""
+    g = gg.Graph("float64")
+    x, y, z = g.input("x", (None,)), g.param("y", ()), g.param("z", ())
+    g.set_loss(gg.sum((x + y) * z))
+    with served() as server, gg.connect(server.address) as client, \
+            client.session(g, {"y": np.array(5.0), "z": np.array(-4.0)}) as sess:
+        for _ in range(3):
+            loss, grads = sess.forward_backward({"x": np.array([-2.0])})
+            assert loss == -12.0 and {k: float(v) for k, v in grads.items()} == {"y": -4.0, "z": 3.0}
+        assert shared_calls(server.metrics_address) == 0
+        assert stream_messages(server.metrics_address) == 3
+
+
+def test_a_big_answer_makes_the_next_call_use_a_region() -> None:
+    g = wide()
+    params = gg.init_params(g, seed=1)
+    with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
+        for _ in range(2):  # the first answer comes on the stream; the second in a region
+            got = sess.get_params()
+            assert all(np.array_equal(got[k], params[k]) for k in params)
+        assert shared_calls(server.metrics_address) == 1
+        assert stream_messages(server.metrics_address) == 3
+
+
+def test_a_call_bigger_than_its_region_gets_a_bigger_one() -> None:
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1000))
+    g.set_loss(gg.sum(x * x))
+    with served() as server, gg.connect(server.address) as client, client.session(g, {}) as sess:
+        for rows in (10, 500, 20):  # 80 KB (a 1 MiB region), 4 MB (8 MiB), 160 KB
+            x = np.linspace(-1, 1, rows * 1000).reshape(rows, 1000)
+            assert sess.forward({"x": x}).loss == pytest.approx(float((x * x).sum()), rel=1e-12)
+        assert shared_calls(server.metrics_address) == 3
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 8 * MiB
+
+
+def test_a_server_in_another_process_lends_a_region() -> None:
+    """Two processes of the same user on one host: the SDK maps the server's region through /proc."""
+    server = ServerProcess()
+    try:
+        g = wide()
+        params = gg.init_params(g, seed=2)
+        with gg.connect(server.address) as client, client.session(g, params) as sess:
+            b = batch(0)
+            sess.forward_backward(b)  # a small call, a big answer: the next call asks for a region
+            loss, grads = sess.forward_backward(b)
+            h = np.tanh(b["x"] @ params["W1"])
+            s = h @ params["W2"]
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            assert loss == pytest.approx(-np.log(p[np.arange(8), b["y"]]).mean(), rel=1e-12)
+            p[np.arange(8), b["y"]] -= 1
+            np.testing.assert_allclose(grads["W2"], h.T @ p / 8, rtol=1e-10)
+            assert shared_calls(server.metrics_address) == 1
+    finally:
+        server.close()
+
+
+def test_without_shared_memory_the_server_says_so_once() -> None:
+    g = wide()
+    params = gg.init_params(g, seed=3)
+    with served(shared_memory=False) as server, gg.connect(server.address) as client, \
+            client.session(g, params) as sess:
+        for step in range(3):
+            sess.forward_backward(batch(step))
+        assert shared_calls(server.metrics_address) == 0
+        assert stream_messages(server.metrics_address) == 1 + 3  # one request for a region, refused
+
+
+def test_a_server_that_predates_regions_still_answers_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older server reads open_region as a StreamCall without a call: INVALID_ARGUMENT ends
+    that stream; the SDK sends the call on a new one and asks no more."""
+    def old(self: server_side.Lane, request: pb.SharedRegionRequest) -> bytes:
+        raise InvalidArgument("a StreamCall holds no call (set one field of its oneof)", "call")
+    monkeypatch.setattr(server_side.Lane, "open", old)
+    g = wide()
+    params = gg.init_params(g, seed=4)
+    with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
+        for step in range(3):
+            loss, _ = sess.forward_backward(batch(step))
+            assert np.isfinite(loss)
+        assert stream_messages(server.metrics_address) == 1 + 3
+        assert metric(server.metrics_address, "grpc_server_started_total", grpc_service=GRADIENT_SERVICE,
+                      grpc_method="CallStream") == 2
+
+
+# -- the protocol, sent by hand ---------------------------------------------------------
+
+class RawStream:
+    """A CallStream driven one message at a time, as any gRPC client may."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        call = self.channel.stream_stream(f"/{GRADIENT_SERVICE}/CallStream", request_serializer=lambda b: b,
+                                          response_deserializer=pb.StreamAnswer.FromString)
+        self.answers = call(iter(self.inbox.get, None), timeout=20)
+
+    def send(self, message: pb.StreamCall | bytes) -> pb.StreamAnswer:
+        self.inbox.put(message if isinstance(message, bytes) else message.SerializeToString())
+        return next(self.answers)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.channel.close()
+
+
+@contextmanager
+def raw(**config: object) -> Iterator[tuple[Server, RawStream, Callable[[int], pb.SharedRegion]]]:
+    with served(**config) as server:
+        stream = RawStream(server.address)
+
+        def region(size: int) -> pb.SharedRegion:
+            return stream.send(pb.StreamCall(open_region=pb.SharedRegionRequest(size=size))).region
+        try:
+            yield server, stream, region
+        finally:
+            stream.close()
+
+
+def refused(stream: RawStream, message: pb.StreamCall | bytes) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        stream.send(message)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return e.value
+
+
+def in_region(length: int) -> pb.StreamCall:
+    return pb.StreamCall(in_region=pb.InRegion(length=length))
+
+
+def test_a_call_in_a_region_that_was_never_opened_is_invalid() -> None:
+    with raw() as (_, stream, _region):
+        assert "in_region without a region" in refused(stream, in_region(10)).details()
+
+
+def test_a_length_past_the_region_is_invalid() -> None:
+    with raw() as (_, stream, region):
+        described = region(MiB)
+        assert described.size == MiB and len(described.token) == server_side.TOKEN_BYTES
+        assert "must be in [1, 1048576]" in refused(stream, in_region(MiB + 1)).details()
+
+
+def test_garbage_or_a_region_inside_the_region_is_invalid() -> None:
+    for body, text in ((b"\xff" * 64, "is not a valid gradgate.v1.StreamCall"),
+                       (in_region(5).SerializeToString(), "holds no call")):
+        with raw() as (_, stream, region):
+            mapped = Region.mapped(region(MiB))
+            assert mapped is not None
+            stream.inbox.put(mapped.write(codec.Pieces([body], len(body))))
+            with pytest.raises(grpc.RpcError) as e:
+                next(stream.answers)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details()
+            mapped.close()
+
+
+def test_a_region_over_the_message_limit_is_not_lent() -> None:
+    with raw(max_message_bytes=4 * MiB) as (server, stream, region):
+        assert region(4 * MiB + 1).size == 0
+        assert region(4 * MiB).size == 4 * MiB
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
+
+
+def test_a_client_cannot_shrink_the_region_under_the_server() -> None:
+    """Shrinking a file under a process that maps it kills that process with SIGBUS when it reads
+    past the new end: the server's regions are sealed at their size."""
+    with raw() as (_, stream, region):
+        described = region(MiB)
+        fd = os.open(f"/proc/{described.pid}/fd/{described.fd}", os.O_RDWR)
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 2 * MiB)
+        finally:
+            os.close(fd)
+        request = pb.StreamCall(forward=pb.ForwardRequest(session_id="nope"))
+        mapped = Region.mapped(described)
+        assert mapped is not None
+        data = request.SerializeToString()
+        stream.inbox.put(mapped.write(codec.Pieces([data], len(data))))
+        with pytest.raises(grpc.RpcError) as e:  # read from the region, and answered
+            next(stream.answers)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        mapped.close()
+
+
+def test_a_region_that_is_not_the_one_described_is_not_mapped() -> None:
+    with raw() as (_, _stream, region):
+        described = region(MiB)
+        assert Region.mapped(described) is not None
+        for wrong in (pb.SharedRegion(size=described.size, pid=described.pid, fd=described.fd, token=b"x" * 16),
+                      pb.SharedRegion(size=described.size, pid=described.pid, fd=2**20, token=described.token),
+                      pb.SharedRegion(size=2 * MiB, pid=described.pid, fd=described.fd, token=described.token),
+                      pb.SharedRegion()):
+            assert Region.mapped(wrong) is None
+
+
+def test_only_local_peers_are_offered_a_region() -> None:
+    assert server_side.local("ipv4:127.0.0.1:50051") and server_side.local("ipv6:%5B::1%5D:50051")
+    assert server_side.local("unix:/tmp/gradgate.sock")
+    for peer in ("ipv4:10.0.0.7:50051", "ipv6:%5B2001:db8::1%5D:50051", "ipv6:%5B::ffff:10.0.0.7%5D:1",
+                 "ipv4:128.0.0.1:1", ""):
+        assert not server_side.local(peer)
+    from gradgate_server.metrics import Metrics
+    lane = server_side.Lane(False, 64 * MiB, Metrics())
+    assert pb.StreamAnswer.FromString(lane.open(pb.SharedRegionRequest(size=MiB))).region.size == 0
