@@ -17,7 +17,7 @@ from gradgate_server.engine import InvalidArgument
 
 import gradgate as gg
 from gradgate import codec
-from gradgate.shared_memory import Region
+from gradgate.shared_memory import Region, on_this_host
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from obs import GRADIENT_SERVICE, Scrape, wait_for
@@ -232,7 +232,7 @@ def test_a_length_past_the_region_is_invalid() -> None:
 
 def test_garbage_or_a_region_inside_the_region_is_invalid() -> None:
     for body, text in ((b"\xff" * 64, "is not a valid gradgate.v1.StreamCall"),
-                       (in_region(5).SerializeToString(), "holds no call")):
+                       (in_region(5).SerializeToString(), "the shared-memory region holds in_region, not a call")):
         with raw() as (_, stream, region):
             mapped = Region.mapped(region(MiB))
             assert mapped is not None
@@ -243,11 +243,44 @@ def test_garbage_or_a_region_inside_the_region_is_invalid() -> None:
             mapped.close()
 
 
-def test_a_region_over_the_message_limit_is_not_lent() -> None:
+def test_a_region_is_at_most_the_message_limit_and_never_shrinks() -> None:
     with raw(max_message_bytes=4 * MiB) as (server, stream, region):
-        assert region(4 * MiB + 1).size == 0
-        assert region(4 * MiB).size == 4 * MiB
+        first = region(2 * MiB)
+        assert first.size == 2 * MiB
+        assert region(MiB) == first  # the stream keeps the bigger one it has
+        assert region(2**64 - 1).size == 4 * MiB  # as big as the limit allows
         assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
+        assert region(0).size == 0  # none, and the stream's is freed
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0
+    with raw(max_message_bytes=MiB // 2) as (_, stream, region):  # too small for a region to pay
+        assert region(MiB // 2).size == 0
+
+
+def test_the_sdk_keeps_its_region_with_a_server_of_a_smaller_message_limit() -> None:
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1000))
+    g.set_loss(gg.sum(x * x))
+    with served(max_message_bytes=4 * MiB) as server, gg.connect(server.address) as client, \
+            client.session(g, {}) as sess:
+        for rows in (100, 300, 100, 300):  # 0.8 MB calls, then 2.4 MB ones: twice that is past the server's 4 MiB
+            x = np.full((rows, 1000), 0.5)
+            assert sess.forward({"x": x}).loss == rows * 250.0
+        assert shared_calls(server.metrics_address) == 4
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
+
+
+def test_a_region_is_emptied_when_the_server_lets_it_go() -> None:
+    """A client that keeps the region's file open does not keep its memory."""
+    with raw() as (_, stream, region):
+        described = region(MiB)
+        fd = os.open(f"/proc/{described.pid}/fd/{described.fd}", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x01" * MiB, 0)
+            assert os.fstat(fd).st_blocks * 512 >= MiB
+            assert region(2 * MiB).size == 2 * MiB  # replaces it
+            assert os.fstat(fd).st_blocks == 0 and os.pread(fd, 16, 0) == bytes(16)
+        finally:
+            os.close(fd)
 
 
 def test_a_client_cannot_shrink_the_region_under_the_server() -> None:
@@ -283,6 +316,59 @@ def test_a_region_that_is_not_the_one_described_is_not_mapped() -> None:
                       pb.SharedRegion(size=2 * MiB, pid=described.pid, fd=described.fd, token=described.token),
                       pb.SharedRegion()):
             assert Region.mapped(wrong) is None
+
+
+def test_an_answer_left_in_the_region_outlives_its_stream() -> None:
+    """A server ends a stream right after an answer when it idles, ages or stops: the client may
+    read that answer from the region after the stream has gone, so those pages stay."""
+    g = wide()
+    params = gg.init_params(g, seed=5)
+    with raw(stream_idle_seconds=0.2) as (server, stream, region), gg.connect(server.address) as client, \
+            client.session(g, params) as sess:
+        mapped = Region.mapped(region(4 * MiB))
+        assert mapped is not None
+        call = codec.pieces_within(5, pb.GetParametersRequest(session_id=sess.id))
+        marker = stream.send(mapped.write(call))
+        wait_for(lambda: metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0, what="stream gone")
+        answer = mapped.read(marker.in_region.length)
+        assert answer is not None
+        name, _, got = codec.decode_within(answer, pb.StreamAnswer)
+        assert name == "get_parameters"
+        for k in params:
+            np.testing.assert_array_equal(got["params"][k], params[k])
+        mapped.close()
+
+
+def test_a_server_cannot_make_the_sdk_write_to_another_file(tmp_path: object) -> None:
+    """A server (or anyone in the middle) that describes some other open file of this host,
+    with its size and first bytes as the token, gets nothing mapped: only a gradgate memfd,
+    sealed at its size, is."""
+    path = os.path.join(str(tmp_path), "victim.db")
+    with open(path, "wb") as f:
+        f.write(b"SQLite format 3\x00" + bytes(MiB - 16))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for token in (b"SQLite format 3\x00", b"S"):
+            fake = pb.SharedRegion(size=MiB, pid=os.getpid(), fd=fd, token=token)
+            assert Region.mapped(fake) is None
+        unsealed = os.memfd_create("gradgate-call-stream")
+        os.ftruncate(unsealed, MiB)
+        os.pwrite(unsealed, b"t" * 16, 0)
+        assert Region.mapped(pb.SharedRegion(size=MiB, pid=os.getpid(), fd=unsealed, token=b"t" * 16)) is None
+        os.close(unsealed)
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read(16) == b"SQLite format 3\x00"
+
+
+def test_only_servers_on_this_host_are_asked_for_a_region() -> None:
+    for address in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "127.0.0.1:1,127.0.0.2:2",
+                    "ipv4:127.0.0.1:1,127.0.0.1:2", "dns:///localhost:50051", "unix:/tmp/gradgate.sock"):
+        assert on_this_host(address), address
+    for address in ("10.0.0.7:50051", "127.0.0.1:1,10.0.0.7:2", "[2001:db8::1]:50051", "ipv4:192.0.2.1:1",
+                    "gradgate.invalid:50051"):
+        assert not on_this_host(address), address
 
 
 def test_only_local_peers_are_offered_a_region() -> None:

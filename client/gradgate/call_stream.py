@@ -73,7 +73,8 @@ class CallStream:
         self._on_idle = _pause(self._idle_key)
         self._region: Region | None = None  # the stream's shared memory (gradgate.shared_memory)
         self._biggest = 0  # the biggest call or answer yet
-        self._shared = client.shared_memory and SUPPORTED  # False once a server offers no region
+        self._shared = client.shared_memory and SUPPORTED  # False once a server lends no region
+        self._most = client.max_message_bytes  # the biggest region the server lends
 
     def call(self, method: str, request: Message, arrays: dict[str, Any], deadline: float
              ) -> tuple[Any, dict[str, dict[str, np.ndarray]]] | None:
@@ -133,11 +134,14 @@ class CallStream:
         """Before a call of ``size`` bytes: once the stream moves big messages, ask the server
         for a shared-memory region big enough for them (its answer costs one round trip)."""
         self._biggest = max(self._biggest, size)
-        limit = self._client.max_message_bytes
         if not self._shared or self._biggest < MIN_BYTES or (
-                self._region is not None and (self._biggest <= self._region.size or self._region.size >= limit)):
+                self._region is not None and (self._biggest <= self._region.size or self._region.size >= self._most)):
             return
-        ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=size_for(self._biggest, limit)))
+        if not self._client.on_this_host:
+            self._shared = False
+            return
+        asked = size_for(self._biggest, self._most)
+        ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=asked))
         try:
             answer = self._send("open_region", ask.SerializeToString(), deadline)
         except GradgateError as e:  # a server that predates regions: the call goes on, over a new stream
@@ -150,6 +154,8 @@ class CallStream:
         self._close_region()
         self._region = Region.mapped(pb.StreamAnswer.FromString(answer).region)
         self._shared = self._region is not None
+        if self._region is not None and self._region.size < asked:  # as big as the server's message limit
+            self._most = self._region.size
 
     def _close_region(self) -> None:
         if self._region is not None:

@@ -9,6 +9,7 @@ Session re-creates itself there). DESIGN.md, Scale-out.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
@@ -32,6 +33,7 @@ from gradgate.memory import tune_malloc
 from gradgate.params import init_params
 from gradgate.security import TLS, secure_channel
 from gradgate.session import Session
+from gradgate.shared_memory import on_this_host
 from gradgate.v1 import gradient_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -195,6 +197,11 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
                        for name, (path, _) in _METHODS.items()}
+
+    @functools.cached_property
+    def on_this_host(self) -> bool:
+        """Whether every server this client talks to is on this host (gradgate.shared_memory)."""
+        return on_this_host(self.address)
 
     def call(self, method: str, request: Message, session_key: str = "", wait_for_ready: bool | None = None,
              stream: CallStream | None = None, **arrays: Mapping[str, Any] | None) -> Reply:

@@ -249,6 +249,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                         break  # re-sent call runs once
                     running.append(True)
                 record.received(len(data))
+                lane.unread = False  # the client sends only once it has read the last answer
                 each = None
                 try:
                     name, msg, arrays = decode_within(data, StreamCall, max_elements)
@@ -256,7 +257,9 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                     if shared:  # the call is in the stream's shared-memory region
                         data = lane.read(msg)
                         name, msg, arrays = decode_within(data, StreamCall, max_elements)
-                    if name == "open_region" and not shared:
+                        if name in ("in_region", "open_region"):
+                            raise InvalidArgument(f"the shared-memory region holds {name}, not a call", "in_region")
+                    if name == "open_region":
                         response = lane.open(msg)
                     elif name not in carried:
                         raise InvalidArgument("a StreamCall holds no call (set one field of its oneof)", "call")
