@@ -16,6 +16,7 @@ from gradgate_server import shared_memory as server_side
 from gradgate_server.engine import InvalidArgument
 
 import gradgate as gg
+import gradgate.call_stream
 from gradgate import codec
 from gradgate.shared_memory import Region, on_this_host
 from gradgate.v1 import gradient_service_pb2 as pb
@@ -154,6 +155,20 @@ def test_without_shared_memory_the_server_says_so_once() -> None:
             sess.forward_backward(batch(step))
         assert shared_calls(server.metrics_address) == 0
         assert stream_messages(server.metrics_address) == 1 + 3  # one request for a region, refused
+
+
+def test_a_region_the_sdk_cannot_map_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client in another PID namespace (a sidecar on the same loopback) cannot map the region
+    it is lent: it hands it back at once and carries on over the stream."""
+    monkeypatch.setattr(gradgate.call_stream.Region, "mapped", classmethod(lambda cls, described: None))
+    g = wide()
+    params = gg.init_params(g, seed=6)
+    with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
+        for step in range(3):
+            assert np.isfinite(sess.forward_backward(batch(step), params=params).loss)
+        address = server.metrics_address
+        assert metric(address, "gradgate_shared_memory_bytes") == 0 and shared_calls(address) == 0
+        assert stream_messages(address) == 2 + 3  # asked and given back once, then the calls
 
 
 def test_a_server_that_predates_regions_still_answers_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:

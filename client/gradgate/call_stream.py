@@ -152,10 +152,14 @@ class CallStream:
         if answer is None:
             return
         self._close_region()
-        self._region = Region.mapped(pb.StreamAnswer.FromString(answer).region)
+        lent = pb.StreamAnswer.FromString(answer).region
+        self._region = Region.mapped(lent)
         self._shared = self._region is not None
         if self._region is not None and self._region.size < asked:  # as big as the server's message limit
             self._most = self._region.size
+        elif self._region is None and lent.size:  # lent, but not ours to map (another PID namespace): give it back
+            give_back = pb.StreamCall(open_region=pb.SharedRegionRequest(size=0))
+            self._send("open_region", give_back.SerializeToString(), deadline)
 
     def _close_region(self) -> None:
         if self._region is not None:
