@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -18,7 +21,7 @@ from gradgate_server.engine import InvalidArgument
 import gradgate as gg
 import gradgate.call_stream
 from gradgate import codec
-from gradgate.shared_memory import Region, on_this_host
+from gradgate.shared_memory import Pipes, Region, on_this_host
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from obs import GRADIENT_SERVICE, Scrape, wait_for
@@ -80,15 +83,16 @@ def test_big_calls_go_through_shared_memory_and_answer_as_over_the_stream() -> N
                 np.testing.assert_array_equal(got[k], got_b[k])
                 np.testing.assert_array_equal(got[k], sent[k])  # what the last step set
             address = server.metrics_address
-            # a's region request, then its 4 steps and get_params, all in the region; b's calls beside it
+            # a's 4 steps and get_params in the region (its request for one is not a call); b's beside them
             assert shared_calls(address) == 5
-            assert stream_messages(address) == 1 + 5 + 5
+            assert stream_messages(address) == 5 + 5
             assert metric(address, "gradgate_shared_memory_bytes") == 2 * MiB  # twice a step's call, in MiB
         wait_for(lambda: metric(address, "gradgate_shared_memory_bytes") == 0, what="the region freed")
 
 
-def test_small_calls_stay_on_the_stream() -> None:
-    """The lecture's f = (x + y) z: nothing to gain from a region, so none is asked for."""
+def test_small_calls_are_signalled_through_pipes() -> None:
+    """The lecture's f = (x + y) z: small calls gain most from the pipes, which wake the server's
+    thread directly instead of passing each message between gRPC's threads."""
     g = gg.Graph("float64")
     x, y, z = g.input("x", (None,)), g.param("y", ()), g.param("z", ())
     g.set_loss(gg.sum((x + y) * z))
@@ -97,19 +101,20 @@ def test_small_calls_stay_on_the_stream() -> None:
         for _ in range(3):
             loss, grads = sess.forward_backward({"x": np.array([-2.0])})
             assert loss == -12.0 and {k: float(v) for k, v in grads.items()} == {"y": -4.0, "z": 3.0}
-        assert shared_calls(server.metrics_address) == 0
+        assert shared_calls(server.metrics_address) == 3
         assert stream_messages(server.metrics_address) == 3
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == MiB
 
 
-def test_a_big_answer_makes_the_next_call_use_a_region() -> None:
+def test_a_big_answer_comes_through_the_region() -> None:
     g = wide()
     params = gg.init_params(g, seed=1)
     with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
-        for _ in range(2):  # the first answer comes on the stream; the second in a region
+        for _ in range(2):
             got = sess.get_params()
             assert all(np.array_equal(got[k], params[k]) for k in params)
-        assert shared_calls(server.metrics_address) == 1
-        assert stream_messages(server.metrics_address) == 3
+        assert shared_calls(server.metrics_address) == 2
+        assert stream_messages(server.metrics_address) == 2
 
 
 def test_a_call_bigger_than_its_region_gets_a_bigger_one() -> None:
@@ -124,6 +129,41 @@ def test_a_call_bigger_than_its_region_gets_a_bigger_one() -> None:
         assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 8 * MiB
 
 
+def test_an_answer_bigger_than_the_region_comes_on_the_stream() -> None:
+    """Signalled, an answer that does not fit the region comes on the stream (the pipe says 0);
+    the next call asks for a region that fits it."""
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 10)), g.param("W", (10, 100_000))
+    h = gg.matmul(x, w, name="h")
+    g.set_loss(gg.sum(h))
+    W = np.linspace(-1, 1, 10 * 100_000).reshape(10, 100_000)
+    with served() as server, gg.connect(server.address) as client, client.session(g, {"W": W}) as sess:
+        for rows in (1, 2, 2):  # answers of 0.8 MB (in the 1 MiB region), 1.6 MB (on the stream), 1.6 MB
+            x = np.arange(rows * 10.0).reshape(rows, 10)
+            np.testing.assert_array_equal(sess.forward({"x": x}, outputs=["h"]).outputs["h"], x @ W)
+        assert shared_calls(server.metrics_address) == 3
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
+
+
+def test_a_call_past_its_timeout_on_the_pipes_is_cancelled_and_the_next_one_runs() -> None:
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
+    h = x
+    for _ in range(40):  # ~0.5 s at 600 rows
+        h = gg.tanh(h @ w)
+    g.set_loss(gg.sum(h))
+    with served() as server, gg.connect(server.address, timeout=0.2) as client, \
+            client.session(g, {"W": np.eye(600) * 0.5}) as sess:
+        sess.forward({"x": np.ones((1, 600))})  # its stream now signals through the pipes
+        with pytest.raises(gg.GradgateError) as late:
+            sess.forward({"x": np.ones((600, 600))})
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        small = sess.forward({"x": np.zeros((1, 600))})
+        assert small.loss == 0.0
+        wait_for(lambda: metric(server.metrics_address, "grpc_server_handled_total", grpc_service=GRADIENT_SERVICE,
+                                grpc_method="Forward", grpc_code="Canceled") == 1, what="the late call cancelled")
+
+
 def test_a_server_in_another_process_lends_a_region() -> None:
     """Two processes of the same user on one host: the SDK maps the server's region through /proc."""
     server = ServerProcess()
@@ -132,7 +172,7 @@ def test_a_server_in_another_process_lends_a_region() -> None:
         params = gg.init_params(g, seed=2)
         with gg.connect(server.address) as client, client.session(g, params) as sess:
             b = batch(0)
-            sess.forward_backward(b)  # a small call, a big answer: the next call asks for a region
+            sess.forward_backward(b)
             loss, grads = sess.forward_backward(b)
             h = np.tanh(b["x"] @ params["W1"])
             s = h @ params["W2"]
@@ -141,9 +181,52 @@ def test_a_server_in_another_process_lends_a_region() -> None:
             assert loss == pytest.approx(-np.log(p[np.arange(8), b["y"]]).mean(), rel=1e-12)
             p[np.arange(8), b["y"]] -= 1
             np.testing.assert_allclose(grads["W2"], h.T @ p / 8, rtol=1e-10)
-            assert shared_calls(server.metrics_address) == 1
+            assert shared_calls(server.metrics_address) == 2
     finally:
         server.close()
+
+
+CHILD = """
+import sys, numpy as np, gradgate as gg
+g = gg.Graph("float64")
+x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
+h = x
+for _ in range(40):
+    h = gg.tanh(h @ w)
+g.set_loss(gg.sum(h))
+client = gg.connect(sys.argv[1])
+sess = client.session(g, {"W": np.eye(600) * 0.5})
+sess.forward({"x": np.ones((1, 600))})
+print("ready", flush=True)
+sess.forward({"x": np.ones((600, 600))})
+"""
+
+
+def test_a_client_killed_mid_call_leaves_nothing_behind() -> None:
+    """Its answer has no reader (the answer pipe is broken): the server drops it quietly, ends
+    the stream, frees the region and logs no error."""
+    server = ServerProcess()
+    try:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, server.address], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        wait_for(lambda: server.in_flight("Forward") == 1, what="the slow call running")
+        child.kill()
+        child.wait(10)
+        child.stdout.close()
+        wait_for(lambda: server.in_flight("CallStream") == 0, what="the stream ended")
+        assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0
+        assert [line for line in server.log if line.get("level") == "ERROR"] == []
+    finally:
+        server.close()
+
+
+def test_an_answer_to_a_client_gone_is_dropped_quietly() -> None:
+    pipes = server_side.Pipes()
+    pipes.handed_over()  # and the client, the only reader left, is gone
+    pipes.signal(5)  # no BrokenPipeError: the call pipe's end ends the stream next
+    assert pipes.next(lambda: True) is None
+    pipes.close()
 
 
 def test_without_shared_memory_the_server_says_so_once() -> None:
@@ -154,7 +237,7 @@ def test_without_shared_memory_the_server_says_so_once() -> None:
         for step in range(3):
             sess.forward_backward(batch(step))
         assert shared_calls(server.metrics_address) == 0
-        assert stream_messages(server.metrics_address) == 1 + 3  # one request for a region, refused
+        assert stream_messages(server.metrics_address) == 3  # (and one request for a region, refused)
 
 
 def test_a_region_the_sdk_cannot_map_is_given_back(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +251,7 @@ def test_a_region_the_sdk_cannot_map_is_given_back(monkeypatch: pytest.MonkeyPat
             assert np.isfinite(sess.forward_backward(batch(step), params=params).loss)
         address = server.metrics_address
         assert metric(address, "gradgate_shared_memory_bytes") == 0 and shared_calls(address) == 0
-        assert stream_messages(address) == 2 + 3  # asked and given back once, then the calls
+        assert stream_messages(address) == 3  # (asked for and given back once before them)
 
 
 def test_a_server_that_predates_regions_still_answers_the_calls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,7 +266,7 @@ def test_a_server_that_predates_regions_still_answers_the_calls(monkeypatch: pyt
         for step in range(3):
             loss, _ = sess.forward_backward(batch(step))
             assert np.isfinite(loss)
-        assert stream_messages(server.metrics_address) == 1 + 3
+        assert stream_messages(server.metrics_address) == 3
         assert metric(server.metrics_address, "grpc_server_started_total", grpc_service=GRADIENT_SERVICE,
                       grpc_method="CallStream") == 2
 
@@ -231,6 +314,36 @@ def refused(stream: RawStream, message: pb.StreamCall | bytes) -> grpc.RpcError:
 
 def in_region(length: int) -> pb.StreamCall:
     return pb.StreamCall(in_region=pb.InRegion(length=length))
+
+
+def test_a_signal_without_pipes_is_invalid() -> None:
+    with raw() as (_, stream, region):
+        mapped = Region.mapped(region(MiB))
+        assert mapped is not None
+        call = codec.pieces_within(5, pb.GetParametersRequest(session_id="nope"))
+        assert "without pipes" in refused(stream, mapped.write(call, signal=True)).details()
+        mapped.close()
+
+
+def test_a_torn_word_on_the_pipe_ends_the_stream() -> None:
+    g = wide()
+    with raw() as (server, stream, _), gg.connect(server.address) as client, \
+            client.session(g, gg.init_params(g, seed=7)) as sess:
+        described = stream.send(pb.StreamCall(open_region=pb.SharedRegionRequest(size=MiB, signal=True))).region
+        mapped, pipes = Region.mapped(described), Pipes.opened(described)
+        assert mapped is not None and pipes is not None
+        stream.inbox.put(mapped.write(codec.pieces_within(5, pb.GetParametersRequest(session_id=sess.id)),
+                                      signal=True))  # from this call on, through the pipes
+        length = pipes.wait(time.monotonic() + 10)
+        assert length and codec.decode_within(mapped.read(length) or b"", pb.StreamAnswer)[0] == "get_parameters"
+        os.write(pipes.calls, b"abc")
+        assert pipes.wait(time.monotonic() + 10) == 0  # the pipe's end: the stream says why
+        with pytest.raises(grpc.RpcError) as e:
+            next(stream.answers)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3 bytes on the call pipe" in e.value.details()
+        pipes.close()
+        mapped.close()
+        wait_for(lambda: metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0, what="all freed")
 
 
 def test_a_call_in_a_region_that_was_never_opened_is_invalid() -> None:

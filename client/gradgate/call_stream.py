@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 
 from gradgate.codec import decode_within, pieces_within
 from gradgate.errors import GradgateError, from_rpc_error
-from gradgate.shared_memory import MIN_BYTES, SUPPORTED, Region, size_for
+from gradgate.shared_memory import SUPPORTED, Pipes, Region, size_for
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
@@ -72,6 +72,8 @@ class CallStream:
         self._idle_key = weakref.ref(self)  # the idle watchdog holds no reference to the stream
         self._on_idle = _pause(self._idle_key)
         self._region: Region | None = None  # the stream's shared memory (gradgate.shared_memory)
+        self._pipes: Pipes | None = None  # and the pipes that signal its calls and answers
+        self._signalled = False  # the server knows: calls and answers go through the pipes
         self._biggest = 0  # the biggest call or answer yet
         self._shared = client.shared_memory and SUPPORTED  # False once a server lends no region
         self._most = client.max_message_bytes  # the biggest region the server lends
@@ -90,10 +92,11 @@ class CallStream:
             self._share(pieces.nbytes, deadline)
             region = self._region
             if region is not None and pieces.nbytes <= region.size:
-                data = region.write(pieces)
+                handshake = self._pipes is not None and not self._signalled  # from this call on: the pipes
+                data, length = region.write(pieces, signal=handshake), pieces.nbytes
             else:  # the server answers a call that came on the stream itself there too
-                data, region = b"".join(pieces.parts), None
-            answer = self._send(method, data, deadline)
+                data, region, length = b"".join(pieces.parts), None, 0
+            answer = self._send(method, data, deadline, length)
             if region is not None and answer is not None and answer[:1] == _IN_REGION:
                 answer = region.read(pb.StreamAnswer.FromString(answer).in_region.length)
                 if answer is None:
@@ -131,17 +134,18 @@ class CallStream:
                 self._lock.release()
 
     def _share(self, size: int, deadline: float) -> None:
-        """Before a call of ``size`` bytes: once the stream moves big messages, ask the server
-        for a shared-memory region big enough for them (its answer costs one round trip)."""
+        """Before a call of ``size`` bytes to a server on this host: ask it for a shared-memory
+        region (and pipes to signal through) at the stream's first call, and for a bigger
+        region when a call or answer has outgrown it (each answer costs one round trip)."""
         self._biggest = max(self._biggest, size)
-        if not self._shared or self._biggest < MIN_BYTES or (
+        if not self._shared or (
                 self._region is not None and (self._biggest <= self._region.size or self._region.size >= self._most)):
             return
         if not self._client.on_this_host:
             self._shared = False
             return
         asked = size_for(self._biggest, self._most)
-        ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=asked))
+        ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=asked, signal=True))
         try:
             answer = self._send("open_region", ask.SerializeToString(), deadline)
         except GradgateError as e:  # a server that predates regions: the call goes on, over a new stream
@@ -155,6 +159,8 @@ class CallStream:
         lent = pb.StreamAnswer.FromString(answer).region
         self._region = Region.mapped(lent)
         self._shared = self._region is not None
+        if self._region is not None and self._pipes is None:
+            self._pipes = Pipes.opened(lent)
         if self._region is not None and self._region.size < asked:  # as big as the server's message limit
             self._most = self._region.size
         elif self._region is None and lent.size:  # lent, but not ours to map (another PID namespace): give it back
@@ -170,7 +176,10 @@ class CallStream:
         """End the stream, and wait until ``until`` at most for the server to end it too: grpc
         cancels a call whose object is dropped before. The next call opens another."""
         _IDLE.disarm(self._idle_key)
-        self._close_region()  # the server's ends with its stream
+        self._close_region()  # the server's end with its stream
+        if self._pipes is not None:
+            self._pipes.close()
+            self._pipes, self._signalled = None, False
         if self._ends is None:
             return
         self._ends()  # puts the None that ends the requests
@@ -192,7 +201,10 @@ class CallStream:
         cell.append(self._responses)
         self._ends = weakref.finalize(self, self._requests.put, None)  # also when dropped without close
 
-    def _send(self, method: str, data: bytes, deadline: float) -> bytes | None:
+    def _send(self, method: str, data: bytes, deadline: float, length: int = 0) -> bytes | None:
+        """Send ``data`` (a StreamCall) and return the answer (a StreamAnswer), or None when the
+        call should go unary instead. Signalled, a call in the region (``length`` bytes) goes as
+        that length through the pipe, and an answer in the region comes back read out of it."""
         if self._responses is None:
             if time.monotonic() < self._refused_until:
                 return None
@@ -200,7 +212,36 @@ class CallStream:
         assert self._requests is not None
         self._calls += 1
         number = self._calls
-        self._requests.put(data)
+        pipes = self._pipes
+        if pipes is None or not (self._signalled or length):
+            self._requests.put(data)
+            return self._receive(method, number, deadline)
+        if not self._signalled:  # this call says so (in_region.signal), on the stream
+            self._requests.put(data)
+            self._signalled = True
+        elif not pipes.send(length):  # the server has ended the stream: the stream says how
+            return self._receive(method, number, deadline)
+        elif not length:  # too big for the region: on the stream
+            self._requests.put(data)
+        got = pipes.wait(deadline)
+        if got is None:
+            self._expire(number)
+            self._end(time.monotonic() + 1.0)
+            raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{method} had no answer within {self._client.timeout:g} s")
+        if not got:  # the answer, or the stream's end, is on the stream
+            return self._receive(method, number, deadline)
+        answer = self._region.read(got) if self._region is not None else None
+        if answer is None:
+            raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered {method} with a length "
+                                                          "outside its shared-memory region")
+        _IDLE.arm(self._idle_key, IDLE_SECONDS, self._on_idle)
+        return answer
+
+    def _receive(self, method: str, number: int, deadline: float) -> bytes | None:
+        """The stream's next message: the answer to call ``number``, or None if the stream ended
+        or broke without it (the call goes unary); a call's error is raised."""
+        assert self._responses is not None
         _DEADLINES.arm((self, number), deadline - time.monotonic(), lambda: self._expire(number))
         try:
             answer = next(self._responses)

@@ -13,13 +13,14 @@ import fcntl
 import ipaddress
 import mmap
 import os
+import select
 import socket
 import stat
+import time
 
 from gradgate.codec import Pieces
 from gradgate.v1 import gradient_service_pb2 as pb
 
-MIN_BYTES = 64 * 2**10  # a call or answer this big makes its stream ask for a region
 SUPPORTED = os.path.isdir("/proc/self/fd") and hasattr(fcntl, "F_GET_SEALS")
 TOKEN_BYTES = 16
 _MEMFD = "/memfd:gradgate-call-stream"  # what /proc/<pid>/fd/<fd> of a server's region links to
@@ -94,10 +95,10 @@ class Region:
             return None
         return cls(memory)
 
-    def write(self, call: Pieces) -> bytes:
+    def write(self, call: Pieces, signal: bool = False) -> bytes:
         """Copy ``call`` (a StreamCall) into the region; returns the StreamCall that points at it."""
         call.write_to(self._map)
-        return pb.StreamCall(in_region=pb.InRegion(length=call.nbytes)).SerializeToString()
+        return pb.StreamCall(in_region=pb.InRegion(length=call.nbytes, signal=signal)).SerializeToString()
 
     def read(self, length: int) -> bytes | None:
         """A copy of the answer in the region's first ``length`` bytes (None if out of range)."""
@@ -111,3 +112,54 @@ def size_for(message_bytes: int, limit: int) -> int:
     """The region to ask for, for messages of ``message_bytes``: room for twice that, in
     whole MiB, within the message limit."""
     return min(limit, max(2**20, -(-2 * message_bytes // 2**20) * 2**20))
+
+
+class Pipes:
+    """The client's ends of a region's pipes: ``send`` a call's length (0: the call is on the
+    stream), ``wait`` for an answer's."""
+
+    def __init__(self, calls: int, answers: int):
+        self.calls, self.answers = calls, answers
+
+    @classmethod
+    def opened(cls, described: pb.SharedRegion) -> Pipes | None:
+        """The pipes the server lent with its region, or None (none lent, or not pipes)."""
+        if not (described.call_pipe and described.answer_pipe):
+            return None
+        fds: list[int] = []
+        try:
+            for fd, mode in ((described.call_pipe, os.O_WRONLY), (described.answer_pipe, os.O_RDONLY)):
+                path = f"/proc/{described.pid}/fd/{fd}"
+                if not os.readlink(path).startswith("pipe:"):
+                    raise OSError(f"{path} is not a pipe")
+                fds.append(os.open(path, mode | os.O_CLOEXEC | os.O_NONBLOCK))
+                if not stat.S_ISFIFO(os.fstat(fds[-1]).st_mode):
+                    raise OSError(f"{path} is not a pipe")
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+        return cls(*fds)
+
+    def send(self, length: int) -> bool:
+        """False if the server has closed its end (the stream is over)."""
+        try:
+            return os.write(self.calls, length.to_bytes(8, "little")) == 8
+        except OSError:  # BrokenPipeError, or a full pipe (a server not reading)
+            return False
+
+    def wait(self, deadline: float) -> int | None:
+        """The answer's length (0: on the stream, or the pipe's end: the stream's end), or None
+        once ``deadline`` (time.monotonic) has passed."""
+        while not select.select([self.answers], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if time.monotonic() >= deadline:
+                return None
+        try:
+            word = os.read(self.answers, 8)
+        except BlockingIOError:
+            return 0
+        return int.from_bytes(word, "little") if len(word) == 8 else 0
+
+    def close(self) -> None:
+        os.close(self.calls)
+        os.close(self.answers)

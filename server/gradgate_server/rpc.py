@@ -217,6 +217,9 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
         running: list[bool] = []  # a request read and being run: cancel() leaves it be
         lock = threading.Lock()
 
+        def alive() -> bool:  # while waiting for a signalled call (the pipes do not see the stream end)
+            return context.is_active() and not streams.stopping and time.monotonic() <= ends
+
         def cancel() -> None:  # idle, or the server stopping: only between calls
             with lock:
                 if running:  # a request came in as the wait expired: it is answered first
@@ -239,7 +242,7 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 if streams.stopping or time.monotonic() > ends:  # stop() expired the waits armed before it
                     break
                 try:
-                    data = next(datas, None)
+                    data = lane.next_call(datas, alive)
                 finally:
                     streams.watchdog.disarm(context)
                 if data is None:
@@ -248,7 +251,6 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                     if cancelled:  # the wait expired as this request came in: not run, so the client's
                         break  # re-sent call runs once
                     running.append(True)
-                record.received(len(data))
                 lane.unread = False  # the client sends only once it has read the last answer
                 each = None
                 try:
@@ -259,11 +261,12 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                         name, msg, arrays = decode_within(data, StreamCall, max_elements)
                         if name in ("in_region", "open_region"):
                             raise InvalidArgument(f"the shared-memory region holds {name}, not a call", "in_region")
-                    if name == "open_region":
+                    if name == "open_region":  # the region's own messages are not counted as the stream's
                         response = lane.open(msg)
                     elif name not in carried:
                         raise InvalidArgument("a StreamCall holds no call (set one field of its oneof)", "call")
                     else:
+                        record.received(len(data))  # the call's own size, whichever way it came
                         number, call_record_of, inner = carried[name]
                         each = RpcRecord(call_record_of, context, len(data))
                         call = Call(msg, arrays, context, max_message_bytes, number)
@@ -282,12 +285,13 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 if each is not None:
                     each.sent(len(response))
                     each.end()
-                    if shared:
-                        response = lane.answer(response)
-                record.sent(len(response))
+                out = lane.answer(response, shared)
+                if each is not None:
+                    record.sent(len(response))
                 running.clear()  # the answer is handed over: the idle clock runs from here
                 streams.watchdog.arm(context, streams.idle_seconds, cancel)
-                yield response
+                if out is not None:  # None: signalled through the pipe
+                    yield out
         except GeneratorExit:  # grpc dropped the stream (the client went away, or cancel())
             end()
             raise

@@ -309,28 +309,36 @@ class StreamAnswer(_message.Message):
     def __init__(self, forward: _Optional[_Union[ForwardResponse, _Mapping]] = ..., backward: _Optional[_Union[BackwardResponse, _Mapping]] = ..., forward_backward: _Optional[_Union[ForwardBackwardResponse, _Mapping]] = ..., set_parameters: _Optional[_Union[SetParametersResponse, _Mapping]] = ..., get_parameters: _Optional[_Union[GetParametersResponse, _Mapping]] = ..., region: _Optional[_Union[SharedRegion, _Mapping]] = ..., in_region: _Optional[_Union[InRegion, _Mapping]] = ...) -> None: ...
 
 class SharedRegionRequest(_message.Message):
-    __slots__ = ("size",)
+    __slots__ = ("size", "signal")
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     size: int
-    def __init__(self, size: _Optional[int] = ...) -> None: ...
+    signal: bool
+    def __init__(self, size: _Optional[int] = ..., signal: _Optional[bool] = ...) -> None: ...
 
 class SharedRegion(_message.Message):
-    __slots__ = ("size", "pid", "fd", "token")
+    __slots__ = ("size", "pid", "fd", "token", "call_pipe", "answer_pipe")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     FD_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CALL_PIPE_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_PIPE_FIELD_NUMBER: _ClassVar[int]
     size: int
     pid: int
     fd: int
     token: bytes
-    def __init__(self, size: _Optional[int] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+    call_pipe: int
+    answer_pipe: int
+    def __init__(self, size: _Optional[int] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ..., token: _Optional[bytes] = ..., call_pipe: _Optional[int] = ..., answer_pipe: _Optional[int] = ...) -> None: ...
 
 class InRegion(_message.Message):
-    __slots__ = ("length",)
+    __slots__ = ("length", "signal")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
     length: int
-    def __init__(self, length: _Optional[int] = ...) -> None: ...
+    signal: bool
+    def __init__(self, length: _Optional[int] = ..., signal: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
