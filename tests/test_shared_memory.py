@@ -3,10 +3,14 @@ gradgate_server.shared_memory), against real servers on 127.0.0.1, in this proce
 another, read back from their /metrics; and the protocol as an attacker would send it."""
 from __future__ import annotations
 
+import _thread
+import gc
 import os
 import queue
+import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -227,6 +231,106 @@ def test_an_answer_to_a_client_gone_is_dropped_quietly() -> None:
     pipes.signal(5)  # no BrokenPipeError: the call pipe's end ends the stream next
     assert pipes.next(lambda: True) is None
     pipes.close()
+
+
+def slow_graph() -> gg.Graph:
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
+    h = x
+    for _ in range(40):  # ~0.5 s at 600 rows
+        h = gg.tanh(h @ w)
+    g.set_loss(gg.sum(h))
+    return g
+
+
+def test_a_call_interrupted_by_ctrl_c_leaves_no_answer_for_the_next() -> None:
+    """KeyboardInterrupt in the middle of a call ends its stream: the next call gets its own
+    answer, not the interrupted one's."""
+    with served() as server, gg.connect(server.address) as client, \
+            client.session(slow_graph(), {"W": np.eye(600) * 0.5}) as sess:
+        sess.forward({"x": np.zeros((1, 600))})  # signalled from here on
+        timer = threading.Timer(0.15, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            sess.forward({"x": np.ones((600, 600))})
+            time.sleep(5)  # (the interrupt lands here if the call was faster)
+        timer.join()
+        for k in (1.0, 2.0, 3.0):
+            x = np.full((1, 600), k)
+            expected = x
+            for _ in range(40):
+                expected = np.tanh(expected @ (np.eye(600) * 0.5))
+            assert sess.forward({"x": x}).loss == pytest.approx(float(expected.sum()), rel=1e-12)
+
+
+def test_descriptors_past_1024_work_on_both_sides() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        g = wide()
+        params = gg.init_params(g, seed=8)
+        with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess, \
+                gg.connect(server.address, call_streams=False) as unary, unary.session(g, params) as twin:
+            for step in range(3):
+                la, ga = sess.forward_backward(batch(step))
+                lb, gb = twin.forward_backward(batch(step))
+                assert la == lb and all(np.array_equal(ga[k], gb[k]) for k in params)
+            assert shared_calls(server.metrics_address) == 3
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def pipes_open() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def test_sessions_dropped_without_close_leave_no_pipes_open() -> None:
+    g = wide()
+    with served() as server, gg.connect(server.address) as client:
+        before = pipes_open()
+        for seed in range(4):
+            sess = client.session(g, gg.init_params(g, seed=seed))
+            sess.forward_backward(batch(seed))
+            del sess
+        gc.collect()
+        wait_for(lambda: pipes_open() == before, what="every pipe closed, the SDK's and the server's")
+        wait_for(lambda: metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0, what="regions freed")
+
+
+def test_a_region_that_cannot_grow_leaves_the_call_on_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server, out of descriptors, lends no bigger region (and closes the pipes): the big call
+    still goes, on the stream, at once."""
+    g = gg.Graph("float64")
+    x = g.input("x", (None, 1000))
+    g.set_loss(gg.sum(x * x))
+    with served() as server, gg.connect(server.address, timeout=5) as client, client.session(g, {}) as sess:
+        assert sess.forward({"x": np.ones((1, 1000))}).loss == 1000.0  # a 1 MiB region, and the pipes
+        def no_more(self: object, size: int) -> None:
+            raise OSError(24, "Too many open files")
+        monkeypatch.setattr(server_side.Region, "__init__", no_more)
+        started = time.monotonic()
+        assert sess.forward({"x": np.ones((300, 1000))}).loss == 300_000.0  # 2.4 MB
+        assert sess.forward({"x": np.ones((2, 1000))}).loss == 2000.0
+        assert time.monotonic() - started < 2
+
+
+def test_an_answer_over_the_client_s_message_limit_is_refused_as_grpc_would() -> None:
+    g = gg.Graph("float64")
+    x, w = g.input("x", (None, 100)), g.param("W", (100, 300))  # 240 KB of parameters
+    g.set_loss(gg.sum(gg.matmul(x, w, name="h")))
+    with served() as server, gg.connect(server.address, max_message_bytes=300_000) as client, \
+            client.session(g, {"W": np.ones((100, 300))}) as sess:
+        assert sess.forward({"x": np.ones((1, 100))}).loss == 30_000.0  # its region: 1 MiB
+        with pytest.raises(gg.GradgateError) as big:
+            sess.forward({"x": np.ones((200, 100))}, outputs=["h"])  # 480 KB of answer
+        assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_message_bytes" in big.value.message
+        assert sess.forward({"x": np.ones((2, 100))}).loss == 60_000.0
 
 
 def test_without_shared_memory_the_server_says_so_once() -> None:

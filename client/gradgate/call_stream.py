@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from gradgate.codec import decode_within, pieces_within
+from gradgate.codec import CodecError, decode_within, pieces_within
 from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.shared_memory import SUPPORTED, Pipes, Region, size_for
 from gradgate.v1 import gradient_service_pb2 as pb
@@ -89,25 +89,34 @@ class CallStream:
             pieces = pieces_within(number, request, **arrays)
             if pieces.nbytes > self._client.max_message_bytes:  # a StreamCall is a few bytes longer than
                 return None  # the unary request, which may fit
-            self._share(pieces.nbytes, deadline)
-            region = self._region
-            if region is not None and pieces.nbytes <= region.size:
-                handshake = self._pipes is not None and not self._signalled  # from this call on: the pipes
-                data, length = region.write(pieces, signal=handshake), pieces.nbytes
-            else:  # the server answers a call that came on the stream itself there too
-                data, region, length = b"".join(pieces.parts), None, 0
-            answer = self._send(method, data, deadline, length)
-            if region is not None and answer is not None and answer[:1] == _IN_REGION:
-                answer = region.read(pb.StreamAnswer.FromString(answer).in_region.length)
-                if answer is None:
-                    raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered {method} with a length "
-                                                                  "outside its shared-memory region")
+            try:
+                if not self._share(pieces.nbytes, deadline):
+                    return None
+                region = self._region
+                if region is not None and pieces.nbytes <= region.size:
+                    handshake = self._pipes is not None and not self._signalled  # from this call on: the pipes
+                    data, length = region.write(pieces, signal=handshake), pieces.nbytes
+                else:  # the server answers a call that came on the stream itself there too
+                    data, region, length = b"".join(pieces.parts), None, 0
+                answer = self._send(method, data, deadline, length)
+                if region is not None and answer is not None and answer[:1] == _IN_REGION:
+                    answer = self._from_region(method, pb.StreamAnswer.FromString(answer).in_region.length)
+                if answer is not None and len(answer) > self._client.max_message_bytes:  # as gRPC would refuse it
+                    raise GradgateError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"the answer to {method} took {len(answer)} bytes, more than this "
+                                        f"client's max_message_bytes ({self._client.max_message_bytes})")
+            except BaseException:  # an error, or an interrupt (Ctrl-C): whatever was under way on the stream
+                self._end(time.monotonic())  # ends with it, so no later call reads its answer
+                raise
             self._biggest = max(self._biggest, len(answer or b""))
         finally:
             self._lock.release()
         if answer is None:
             return None
-        name, response, got = decode_within(answer, pb.StreamAnswer)
+        try:
+            name, response, got = decode_within(answer, pb.StreamAnswer)
+        except CodecError as e:
+            raise GradgateError(grpc.StatusCode.INTERNAL, f"the server's answer to {method}: {e}") from None
         if _ANSWERS.get(name) != number:
             raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered a {method} call on its "
                                                           f"CallStream with {name or 'nothing'}")
@@ -133,17 +142,18 @@ class CallStream:
             finally:
                 self._lock.release()
 
-    def _share(self, size: int, deadline: float) -> None:
+    def _share(self, size: int, deadline: float) -> bool:
         """Before a call of ``size`` bytes to a server on this host: ask it for a shared-memory
         region (and pipes to signal through) at the stream's first call, and for a bigger
-        region when a call or answer has outgrown it (each answer costs one round trip)."""
+        region when a call or answer has outgrown it (each answer costs one round trip).
+        False if the stream broke or was refused meanwhile: that call goes unary."""
         self._biggest = max(self._biggest, size)
         if not self._shared or (
                 self._region is not None and (self._biggest <= self._region.size or self._region.size >= self._most)):
-            return
+            return True
         if not self._client.on_this_host:
             self._shared = False
-            return
+            return True
         asked = size_for(self._biggest, self._most)
         ask = pb.StreamCall(open_region=pb.SharedRegionRequest(size=asked, signal=True))
         try:
@@ -151,21 +161,37 @@ class CallStream:
         except GradgateError as e:  # a server that predates regions: the call goes on, over a new stream
             if e.code != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
-            answer = None
             self._shared = False
+            return True
         if answer is None:
-            return
+            return False
         self._close_region()
         lent = pb.StreamAnswer.FromString(answer).region
         self._region = Region.mapped(lent)
-        self._shared = self._region is not None
-        if self._region is not None and self._pipes is None:
+        if self._region is None:  # none lent (the server closed its pipes too), or not ours to map
+            self._close_pipes()
+            self._shared = False
+            if lent.size:  # lent, but in another PID namespace: give it back
+                give_back = pb.StreamCall(open_region=pb.SharedRegionRequest(size=0))
+                return self._send("open_region", give_back.SerializeToString(), deadline) is not None
+            return True
+        if self._pipes is None:
             self._pipes = Pipes.opened(lent)
-        if self._region is not None and self._region.size < asked:  # as big as the server's message limit
+        if self._region.size < asked:  # as big as the server's message limit
             self._most = self._region.size
-        elif self._region is None and lent.size:  # lent, but not ours to map (another PID namespace): give it back
-            give_back = pb.StreamCall(open_region=pb.SharedRegionRequest(size=0))
-            self._send("open_region", give_back.SerializeToString(), deadline)
+        return True
+
+    def _from_region(self, method: str, length: int) -> bytes:
+        answer = self._region.read(length) if self._region is not None else None
+        if answer is None:
+            raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered {method} with a length "
+                                                          "outside its shared-memory region")
+        return answer
+
+    def _close_pipes(self) -> None:
+        if self._pipes is not None:
+            self._pipes.close()
+            self._pipes, self._signalled = None, False
 
     def _close_region(self) -> None:
         if self._region is not None:
@@ -177,9 +203,7 @@ class CallStream:
         cancels a call whose object is dropped before. The next call opens another."""
         _IDLE.disarm(self._idle_key)
         self._close_region()  # the server's end with its stream
-        if self._pipes is not None:
-            self._pipes.close()
-            self._pipes, self._signalled = None, False
+        self._close_pipes()
         if self._ends is None:
             return
         self._ends()  # puts the None that ends the requests
@@ -189,8 +213,8 @@ class CallStream:
         try:
             for _ in responses:
                 pass
-        except grpc.RpcError:  # it had ended with an error already, or took too long
-            pass
+        except (grpc.RpcError, ValueError):  # it had ended with an error already, took too long, or was
+            pass  # interrupted in grpc's own code (ValueError: "Internal gRPC call error")
         finally:
             _DEADLINES.disarm(key)
 
@@ -219,8 +243,9 @@ class CallStream:
         if not self._signalled:  # this call says so (in_region.signal), on the stream
             self._requests.put(data)
             self._signalled = True
-        elif not pipes.send(length):  # the server has ended the stream: the stream says how
-            return self._receive(method, number, deadline)
+        elif not pipes.send(length):  # the server has ended the stream between calls: not sent, so unary
+            self._end(deadline)
+            return None
         elif not length:  # too big for the region: on the stream
             self._requests.put(data)
         got = pipes.wait(deadline)
@@ -231,10 +256,7 @@ class CallStream:
                                 f"{method} had no answer within {self._client.timeout:g} s")
         if not got:  # the answer, or the stream's end, is on the stream
             return self._receive(method, number, deadline)
-        answer = self._region.read(got) if self._region is not None else None
-        if answer is None:
-            raise GradgateError(grpc.StatusCode.INTERNAL, f"the server answered {method} with a length "
-                                                          "outside its shared-memory region")
+        answer = self._from_region(method, got)
         _IDLE.arm(self._idle_key, IDLE_SECONDS, self._on_idle)
         return answer
 

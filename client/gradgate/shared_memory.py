@@ -1,22 +1,25 @@
 """The client's side of a CallStream's shared-memory region (gradient_service.proto,
 SharedRegion; the server's side: gradgate_server.shared_memory).
 
-A server on this host, running as the same user, lends a CallStream a region of memory;
-the session's big calls and answers are then copied through it (15-75 µs a megabyte
-here) instead of crossing gRPC's framing and the loopback socket (0.6-1 ms a megabyte).
-Anything else (a server elsewhere, in another container, older, or with
---no-shared-memory) leaves the calls on the stream itself, as before.
+A server on this host, running as the same user, lends a CallStream a region of memory
+and two pipes: the session's calls and answers are then copied through the region (15-75
+µs a megabyte here, against 0.6-1 ms through gRPC's framing and the loopback socket) and
+announced by their length through a pipe (a round trip of ~0.08 ms, against ~0.3-0.45 ms
+for a message each way between gRPC's threads). Anything else (a server elsewhere, in
+another container, older, or with --no-shared-memory) leaves the calls on the stream
+itself, as before.
 """
 from __future__ import annotations
 
 import fcntl
 import ipaddress
+import math
 import mmap
 import os
 import select
-import socket
 import stat
 import time
+import weakref
 
 from gradgate.codec import Pieces
 from gradgate.v1 import gradient_service_pb2 as pb
@@ -29,9 +32,9 @@ _SEALED = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
 
 def on_this_host(address: str) -> bool:
     """Whether every server ``address`` names (host:port, a comma-separated list of them, or
-    an ipv4:, ipv6:, dns: or unix: target) is on this host: a loopback address, or a unix
-    socket. Only such a server is asked for a region, so no server elsewhere can point the
-    SDK at a file of this machine."""
+    an ipv4:, ipv6:, dns: or unix: target) is on this host: a loopback IP address,
+    ``localhost``, or a unix socket (other names are not looked up). Only such a server is
+    asked for a region, so no server elsewhere can point the SDK at a file of this machine."""
     return all(_local(target.strip()) for target in address.split(","))
 
 
@@ -47,15 +50,10 @@ def _local(target: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
         return True
-    try:  # an IP address comes back as it is, without a lookup
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError:
+    try:  # no name is looked up (that could take longer than the call may)
+        ip = ipaddress.ip_address(host)
+    except ValueError:
         return False
-    return bool(addresses) and all(_loopback(a) for a in addresses)
-
-
-def _loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
@@ -120,6 +118,9 @@ class Pipes:
 
     def __init__(self, calls: int, answers: int):
         self.calls, self.answers = calls, answers
+        self._poll = select.poll()  # not select(): it refuses descriptors of 1024 and more
+        self._poll.register(answers, select.POLLIN)
+        self._closed = weakref.finalize(self, _close, calls, answers)  # also when dropped unclosed
 
     @classmethod
     def opened(cls, described: pb.SharedRegion) -> Pipes | None:
@@ -151,7 +152,7 @@ class Pipes:
     def wait(self, deadline: float) -> int | None:
         """The answer's length (0: on the stream, or the pipe's end: the stream's end), or None
         once ``deadline`` (time.monotonic) has passed."""
-        while not select.select([self.answers], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        while not self._poll.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))):
             if time.monotonic() >= deadline:
                 return None
         try:
@@ -161,5 +162,9 @@ class Pipes:
         return int.from_bytes(word, "little") if len(word) == 8 else 0
 
     def close(self) -> None:
-        os.close(self.calls)
-        os.close(self.answers)
+        self._closed()
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -36,9 +36,9 @@ class Config:
                 "clients fall back to unary calls); each holds one of the RPC threads streams share "
                 "(--max-workers) while open; 0 = none"})
     shared_memory: bool = field(default=True, metadata={
-        "help": "offer a CallStream from a client on this host, running as the same user, a shared-memory region "
-                "(Linux) that carries its big calls and answers instead of the socket; each takes at most "
-                "--max-message-bytes of memory, for as long as its stream is open"})
+        "help": "lend a CallStream from a client on this host, running as the same user, a shared-memory region "
+                "and two pipes (Linux) that carry its calls and answers instead of gRPC's messages; each region "
+                "takes at most --max-message-bytes of memory, for as long as its stream is open"})
     max_nodes: int = 10_000  # per graph
     max_tensor_elements: int = field(default=64 * MiB, metadata={
         "help": "elements per tensor, on the wire and computed (every value of a forward, checked before it runs)"})
