@@ -5,7 +5,9 @@
 Two server processes, one started with ``--cpus`` (the first core this process may use)
 and one without, answer this process's calls in turns: the lecture's 3-4-4-1 net's
 forward_backward (T3's call) and a client-driven batch-1 step of the 784-256-10 MLP (T2's,
-with Adam here). ratio = pinned / free. A call passes between several threads of the
+with Adam here), over the socket as from another host (shared_memory=False: calls through
+shared memory and pipes skip gRPC's threads, and pinning changes nothing for them).
+ratio = pinned / free. A call passes between several threads of the
 server (gRPC's poller, the RPC thread, the sender); on one core those hand-offs find warm
 caches and a core that is awake.
 """
@@ -35,7 +37,7 @@ def measure(quick: bool = False) -> dict[str, float]:
         mlp = run.mlp()
         data = {k: v[:1] for k, v in run.dataset(1).items()}
         for name, server in servers.items():
-            client = gg.connect(server.address, timeout=60)
+            client = gg.connect(server.address, timeout=60, shared_memory=False)  # as from another host
             small, step = client.session(g, params), client.session(mlp, gg.init_params(mlp, seed=0))
             closing += [small, step, client]
             calls[f"small_{name}"] = lambda s=small: s.forward_backward(batch)

@@ -20,8 +20,8 @@ Targets (issue 7):
       measured as unary calls, for reference) <= 1.3 x an empty unary call; for reference, its
       forward and backward as two calls over the stream against two unary calls
   T16 a 16 MiB input through Forward <= 1.25 x a raw grpcio call carrying the same bytes
-T2 and T16 are measured as the SDK sends them to a server on this host (big calls through
-shared memory, gradgate.shared_memory), and, for reference, over the socket
+T2, T3 and T16 are measured as the SDK sends them to a server on this host (through shared
+memory and pipes, gradgate.shared_memory), and, for reference, over the socket
 (shared_memory=False) as to a server elsewhere.
 Also: tail latency of concurrent calls by BLAS threads per call, and (from other
 modules, when present) the convnet step against PyTorch, 2 replicas against 1, a server
@@ -311,20 +311,26 @@ def reference_rows(batches: list[int], quick: bool) -> list[Row]:
     return rows
 
 
-def tiny_rows(client: gg.Client, unary_client: gg.Client, echo: Echo, quick: bool) -> list[Row]:
-    """T3, with the SDK's stream of calls (its default) and, for reference, with unary calls;
-    and the same net's forward and backward as two calls, both ways."""
+def tiny_rows(client: gg.Client, socket_client: gg.Client, unary_client: gg.Client, echo: Echo,
+              quick: bool) -> list[Row]:
+    """T3, as the SDK sends it to a server on this host (its stream of calls, through shared
+    memory and pipes) and, for reference, over the socket and as unary calls; and the same
+    net's forward and backward as two calls, on the stream over the socket and unary."""
     g, params, batch = lecture_net()
 
     def two_calls(sess: gg.Session) -> Callable[[], object]:
         return lambda: (sess.forward(batch), sess.backward())
 
-    with client.session(g, params) as sess, unary_client.session(g, params) as unary:
-        t = interleaved({"sdk": lambda: sess.forward_backward(batch), "unary": lambda: unary.forward_backward(batch),
-                         "two": two_calls(sess), "two_unary": two_calls(unary),
-                         "empty": lambda: echo.empty(b"", timeout=10)}, 100 if quick else 2000)
+    with client.session(g, params) as sess, socket_client.session(g, params) as socket, \
+            unary_client.session(g, params) as unary:
+        t = interleaved({"sdk": lambda: sess.forward_backward(batch), "socket": lambda: socket.forward_backward(batch),
+                         "unary": lambda: unary.forward_backward(batch), "two": two_calls(socket),
+                         "two_unary": two_calls(unary), "empty": lambda: echo.empty(b"", timeout=10)},
+                        100 if quick else 2000)
     return [Row.of("T3 3-4-4-1 net", f"forward_backward {ms(t['sdk'])}", f"empty unary call {ms(t['empty'])}",
                    t.ratio(lambda x: x["sdk"] / x["empty"]), "<= 1.3", lambda v: v <= 1.3),
+            Row.of("T3 over the socket", f"forward_backward, shared_memory=False {ms(t['socket'])}",
+                   f"empty unary call {ms(t['empty'])}", t.ratio(lambda x: x["socket"] / x["empty"])),
             Row.of("T3 with unary calls", f"forward_backward, call_streams=False {ms(t['unary'])}",
                    f"empty unary call {ms(t['empty'])}", t.ratio(lambda x: x["unary"] / x["empty"])),
             Row.of("3-4-4-1 net, forward + backward", f"two calls over the CallStream {ms(t['two'])}",
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         echo = Echo()
         try:
             rows += training_rows(client, socket_client, echo, batches, args.quick)
-            rows += tiny_rows(client, unary_client, echo, args.quick)
+            rows += tiny_rows(client, socket_client, unary_client, echo, args.quick)
             rows += big_tensor_rows(client, socket_client, echo, args.quick)
         finally:
             echo.close()
