@@ -9,6 +9,10 @@ call it cannot carry goes unary, with the channel's retries (another thread is u
 stream, the server has no stream slot free or predates CallStream, the call fits the
 message limit only unary, the stream broke before the answer). A call's error (a status of
 DESIGN.md's error mapping) is raised and ends the stream; the next call opens another.
+With a server on this host the stream borrows a shared-memory region and two pipes at its
+first call, which then carry its calls and answers instead of its messages
+(gradgate.shared_memory); anything that interrupts a call ends the stream, so no later
+call can meet its answer.
 """
 from __future__ import annotations
 

@@ -90,8 +90,9 @@ def connect(address: str | Sequence[str] | None = None, *, timeout: float = DEFA
     calls (forward, backward, forward_backward, set_params, get_params) over one stream, a
     quarter of a millisecond faster per call
     (gradgate.call_stream); False sends every call unary. ``shared_memory``: with a server on
-    this host, running as the same user, copy a stream's big calls and answers through memory
-    both processes map instead of the socket (gradgate.shared_memory); False keeps them on the stream.
+    this host, running as the same user, copy a stream's calls and answers through memory both
+    processes map, announced through pipes, instead of gRPC's transport
+    (gradgate.shared_memory); False keeps them on the stream.
     """
     server = None
     if address is None:

@@ -161,14 +161,14 @@ class Streams:
     ``idle_seconds`` (a watchdog ends it: waiting costs no reader thread of its own), after
     ``max_age_seconds``, and when the server stops or the interpreter exits (which waits for
     every RPC thread). ``shared_memory``: a CallStream from a client on this host may ask for a
-    shared-memory region for its big calls (shared_memory.py)."""
+    shared-memory region and pipes to carry its calls (shared_memory.py)."""
 
     def __init__(self, threads: int, call_streams: int, idle_seconds: float, max_age_seconds: float = math.inf,
                  shared_memory: bool = False):
         self.threads = threading.BoundedSemaphore(max(threads, 0))  # 0 (--max-workers 1): no stream at all
         self.slots, self.idle_seconds = threading.BoundedSemaphore(max(call_streams, 0)), idle_seconds
         self.max_age_seconds = max_age_seconds
-        self.shared_memory = shared_memory  # a local client's CallStream may ask for a region (shared_memory.py)
+        self.shared_memory = shared_memory  # a local client's CallStream may borrow a region (shared_memory.py)
         self.open = call_streams > 0
         self.stopping = False
         self.watchdog = Watchdog(min(0.25, idle_seconds / 4), "gradgate-stream-idle")

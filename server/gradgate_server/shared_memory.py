@@ -132,7 +132,7 @@ class Pipes:
 
 
 class Lane:
-    """A CallStream's use of shared memory: the region its client asked for, if any.
+    """A CallStream's use of shared memory: the region (and pipes) its client asked for, if any.
     ``allowed``: this server offers regions (--shared-memory) and the client is local."""
 
     def __init__(self, allowed: bool, max_bytes: int, metrics: Metrics):
