@@ -149,15 +149,19 @@ def test_an_answer_bigger_than_the_region_comes_on_the_stream() -> None:
         assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
 
 
-def test_a_call_past_its_timeout_on_the_pipes_is_cancelled_and_the_next_one_runs() -> None:
+def slow_graph() -> gg.Graph:
     g = gg.Graph("float64")
     x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
     h = x
     for _ in range(40):  # ~0.5 s at 600 rows
         h = gg.tanh(h @ w)
     g.set_loss(gg.sum(h))
+    return g
+
+
+def test_a_call_past_its_timeout_on_the_pipes_is_cancelled_and_the_next_one_runs() -> None:
     with served() as server, gg.connect(server.address, timeout=0.2) as client, \
-            client.session(g, {"W": np.eye(600) * 0.5}) as sess:
+            client.session(slow_graph(), {"W": np.eye(600) * 0.5}) as sess:
         sess.forward({"x": np.ones((1, 600))})  # its stream now signals through the pipes
         with pytest.raises(gg.GradgateError) as late:
             sess.forward({"x": np.ones((600, 600))})
@@ -231,16 +235,6 @@ def test_an_answer_to_a_client_gone_is_dropped_quietly() -> None:
     pipes.signal(5)  # no BrokenPipeError: the call pipe's end ends the stream next
     assert pipes.next(lambda: True) is None
     pipes.close()
-
-
-def slow_graph() -> gg.Graph:
-    g = gg.Graph("float64")
-    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
-    h = x
-    for _ in range(40):  # ~0.5 s at 600 rows
-        h = gg.tanh(h @ w)
-    g.set_loss(gg.sum(h))
-    return g
 
 
 def test_a_call_interrupted_by_ctrl_c_leaves_no_answer_for_the_next() -> None:
