@@ -293,7 +293,8 @@ def test_sessions_dropped_without_close_leave_no_pipes_open() -> None:
             sess.forward_backward(batch(seed))
             del sess
         gc.collect()
-        wait_for(lambda: pipes_open() == before, what="every pipe closed, the SDK's and the server's")
+        # (<=: pipes of earlier tests' streams, in this process too, may close meanwhile)
+        wait_for(lambda: pipes_open() <= before, what="every pipe closed, the SDK's and the server's")
         wait_for(lambda: metric(server.metrics_address, "gradgate_shared_memory_bytes") == 0, what="regions freed")
 
 
