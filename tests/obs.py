@@ -1,5 +1,5 @@
-"""Helpers for the observability tests: scrape a metrics endpoint, wait boundedly,
-find binaries, build a slow graph."""
+"""Helpers for the observability tests: a server in this process with its metrics on,
+scrape a metrics endpoint, wait boundedly, find binaries, build a slow graph."""
 from __future__ import annotations
 
 import os
@@ -8,11 +8,13 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
+from gradgate_server import Config, Server, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradgate import codec
@@ -22,6 +24,13 @@ from gradgate.v1 import graph_pb2
 from graphs import declare, node
 
 GRADIENT_SERVICE = "gradgate.v1.GradientService"
+
+
+@contextmanager
+def served(**config: object) -> Iterator[Server]:
+    """A server on 127.0.0.1 with ``Config(**config)`` and /metrics on a free port."""
+    with serve("127.0.0.1:0", Config(metrics_port=0, **config)) as server:  # type: ignore[arg-type]
+        yield server
 
 
 def fetch(url: str, timeout: float = 10) -> str:

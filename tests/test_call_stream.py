@@ -29,15 +29,10 @@ from gradgate.call_stream import CARRIED, CallStream
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
-from obs import GRADIENT_SERVICE, Scrape, wait_for
+from cluster import tanh_chain
+from obs import GRADIENT_SERVICE, Scrape, served, wait_for
 
 STREAM = "CallStream"
-
-
-@contextmanager
-def served(**config: object) -> Iterator[Server]:
-    with serve("127.0.0.1:0", Config(metrics_port=0, **config)) as server:  # type: ignore[arg-type]
-        yield server
 
 
 @contextmanager
@@ -495,16 +490,11 @@ def test_a_request_that_comes_as_the_idle_wait_expires_runs_once(monkeypatch: py
     arm = Watchdog.arm
     monkeypatch.setattr(Watchdog, "arm", lambda self, key, seconds, expire: arm(
         self, key, seconds, lambda: (time.sleep(0.15), expire())))
-    g = gg.Graph("float64")
-    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
-    h = x
-    for _ in range(40):  # a forward of ~0.5 s: still running when the late cancel comes
-        h = gg.tanh(h @ w)
-    g.set_loss(gg.sum(h))
+    g, params = tanh_chain(40, 600)  # a forward of ~0.5 s at 600 rows: still running when the late cancel comes
     small, big = {"x": np.ones((1, 600))}, {"x": np.ones((600, 600))}
     # (without shared memory: the big forward's request for a region would count as a stream message)
     with served(stream_idle_seconds=0.2) as server, gg.connect(server.address, shared_memory=False) as client, \
-            client.session(g, {"W": np.eye(600) * 0.5}) as sess:
+            client.session(g, params) as sess:
         sess.forward(small)
         time.sleep(0.27)  # the wait expired (the watchdog looks every 0.05 s); its cancel comes 0.15 s later
         started = time.monotonic()

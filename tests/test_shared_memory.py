@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 import pytest
-from gradgate_server import Config, Server, serve
+from gradgate_server import Server
 from gradgate_server import shared_memory as server_side
 from gradgate_server.engine import InvalidArgument
 
@@ -28,16 +28,11 @@ from gradgate import codec
 from gradgate.shared_memory import Pipes, Region, on_this_host
 from gradgate.v1 import gradient_service_pb2 as pb
 
-from obs import GRADIENT_SERVICE, Scrape, wait_for
+from cluster import tanh_chain
+from obs import GRADIENT_SERVICE, Scrape, served, wait_for
 from procs import ServerProcess
 
 MiB = 2**20
-
-
-@contextmanager
-def served(**config: object) -> Iterator[Server]:
-    with serve("127.0.0.1:0", Config(metrics_port=0, **config)) as server:  # type: ignore[arg-type]
-        yield server
 
 
 def metric(address: str, name: str, **labels: str) -> float:
@@ -149,19 +144,9 @@ def test_an_answer_bigger_than_the_region_comes_on_the_stream() -> None:
         assert metric(server.metrics_address, "gradgate_shared_memory_bytes") == 4 * MiB
 
 
-def slow_graph() -> gg.Graph:
-    g = gg.Graph("float64")
-    x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
-    h = x
-    for _ in range(40):  # ~0.5 s at 600 rows
-        h = gg.tanh(h @ w)
-    g.set_loss(gg.sum(h))
-    return g
-
-
 def test_a_call_past_its_timeout_on_the_pipes_is_cancelled_and_the_next_one_runs() -> None:
     with served() as server, gg.connect(server.address, timeout=0.2) as client, \
-            client.session(slow_graph(), {"W": np.eye(600) * 0.5}) as sess:
+            client.session(*tanh_chain(40, 600)) as sess:  # ~0.5 s at 600 rows
         sess.forward({"x": np.ones((1, 600))})  # its stream now signals through the pipes
         with pytest.raises(gg.GradgateError) as late:
             sess.forward({"x": np.ones((600, 600))})
@@ -196,14 +181,9 @@ def test_a_server_in_another_process_lends_a_region() -> None:
 
 CHILD = """
 import sys, numpy as np, gradgate as gg
-g = gg.Graph("float64")
-x, w = g.input("x", (None, 600)), g.param("W", (600, 600))
-h = x
-for _ in range(40):
-    h = gg.tanh(h @ w)
-g.set_loss(gg.sum(h))
+from cluster import tanh_chain
 client = gg.connect(sys.argv[1])
-sess = client.session(g, {"W": np.eye(600) * 0.5})
+sess = client.session(*tanh_chain(40, 600))
 sess.forward({"x": np.ones((1, 600))})
 print("ready", flush=True)
 sess.forward({"x": np.ones((600, 600))})
@@ -240,8 +220,8 @@ def test_an_answer_to_a_client_gone_is_dropped_quietly() -> None:
 def test_a_call_interrupted_by_ctrl_c_leaves_no_answer_for_the_next() -> None:
     """KeyboardInterrupt in the middle of a call ends its stream: the next call gets its own
     answer, not the interrupted one's."""
-    with served() as server, gg.connect(server.address) as client, \
-            client.session(slow_graph(), {"W": np.eye(600) * 0.5}) as sess:
+    g, params = tanh_chain(40, 600)  # ~0.5 s at 600 rows
+    with served() as server, gg.connect(server.address) as client, client.session(g, params) as sess:
         sess.forward({"x": np.zeros((1, 600))})  # signalled from here on
         timer = threading.Timer(0.15, _thread.interrupt_main)
         timer.start()
@@ -253,8 +233,8 @@ def test_a_call_interrupted_by_ctrl_c_leaves_no_answer_for_the_next() -> None:
             x = np.full((1, 600), k)
             expected = x
             for _ in range(40):
-                expected = np.tanh(expected @ (np.eye(600) * 0.5))
-            assert sess.forward({"x": x}).loss == pytest.approx(float(expected.sum()), rel=1e-12)
+                expected = np.tanh(expected @ params["W"])
+            assert sess.forward({"x": x}).loss == pytest.approx(float(expected.mean()), rel=1e-12)
 
 
 def test_descriptors_past_1024_work_on_both_sides() -> None:

@@ -8,6 +8,7 @@ with ``ca`` and sends ``authorization: Bearer <token>`` with every call;
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,20 @@ import grpc
 log = logging.getLogger("gradgate")
 
 PEM = Union[str, Path, bytes]  # a file path, or the PEM bytes themselves
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address, bracketed or not, or ``localhost``) is this machine's
+    loopback; names are not looked up."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (loopback only from Python 3.13 on)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ itself, as before.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import math
 import mmap
 import os
@@ -22,6 +21,7 @@ import time
 import weakref
 
 from gradgate.codec import Pieces
+from gradgate.security import is_loopback
 from gradgate.v1 import gradient_service_pb2 as pb
 
 SUPPORTED = os.path.isdir("/proc/self/fd") and hasattr(fcntl, "F_GET_SEALS")
@@ -47,15 +47,7 @@ def _local(target: str) -> bool:
     host, colon, port = target.rpartition(":")
     if not colon or "]" in port:  # no port, or a bare IPv6 address
         host = target
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:  # no name is looked up (that could take longer than the call may)
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+    return is_loopback(host)  # no name is looked up (that could take longer than the call may)
 
 
 class Region:

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 import gradgate
 from gradgate.memory import release_memory, tune_malloc
+from gradgate.security import is_loopback
 from gradgate.v1 import gradient_service_pb2
 
 from . import auth, cpus
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                "metrics_address": server.metrics_address, "version": version()}})
     if not (config.auth_tokens or config.tls_client_ca):
         host = server.address.rsplit(":", 1)[0]
-        if auth.is_loopback(host):
+        if is_loopback(host):
             log.info("no authentication (--auth-tokens, --tls-client-ca): listening on loopback only")
         else:
             log.warning("no authentication (--auth-tokens, --tls-client-ca) on %s: anyone who can reach it "

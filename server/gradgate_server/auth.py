@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import ipaddress
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -128,16 +127,6 @@ def authenticator(auth_tokens: str, client_ca: str) -> Authenticator | None:
     if not (auth_tokens or client_ca):
         return None
     return Authenticator(load_tokens(auth_tokens) if auth_tokens else None, bool(client_ca))
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def describe(tls_cert: str, tls_client_ca: str, auth_tokens: str) -> str:

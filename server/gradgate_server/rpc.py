@@ -285,9 +285,8 @@ def _call_stream(record_of: Any, carried: dict[str, tuple[int, Any, Callable[[Ca
                 if each is not None:
                     each.sent(len(response))
                     each.end()
-                out = lane.answer(response, shared)
-                if each is not None:
                     record.sent(len(response))
+                out = lane.answer(response, shared)
                 running.clear()  # the answer is handed over: the idle clock runs from here
                 streams.watchdog.arm(context, streams.idle_seconds, cancel)
                 if out is not None:  # None: signalled through the pipe
