@@ -31,6 +31,7 @@ from gradgate_server.auth import ANONYMOUS, Authenticator, Principal, load_token
 from gradgate_server.metrics import Metrics
 from gradgate_server.rpc import SERVICE, Streams, gradient_service_handlers
 
+from obs import GRADIENT_SERVICE, Scrape
 from procs import ServerProcess
 from test_server_e2e import batch, create, forward_request
 
@@ -112,7 +113,7 @@ def test_static_token_file_is_parsed_like_kubernetes(pki, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def token_server(pki) -> Iterator:
-    with serve("127.0.0.1:0", Config(auth_tokens=str(pki["tokens"]))) as srv:
+    with serve("127.0.0.1:0", Config(auth_tokens=str(pki["tokens"]), metrics_port=0)) as srv:
         yield srv
 
 
@@ -203,6 +204,9 @@ def test_sdk_sends_its_token_with_every_call(token_server) -> None:
         loss, grads = sess.forward_backward(batch())
         assert np.isfinite(loss) and grads["W"].shape == (2, 3)
         assert len(client.list_ops()) > 10
+    # the session's calls went over its CallStream, which carried the token too (gradgate.streams)
+    assert Scrape.of(token_server.metrics_address).value("grpc_server_msg_received_total", grpc_method="CallStream",
+                                                         grpc_service=GRADIENT_SERVICE) >= 1
     with gg.connect(token_server.address) as client, pytest.raises(gg.GradgateError) as e:
         client.list_ops()
     assert e.value.code == Code.UNAUTHENTICATED
@@ -258,10 +262,19 @@ def test_the_principal_is_the_calls_own(tmp_path) -> None:
 # -- TLS and mutual TLS ------------------------------------------------------------------
 
 def test_tls_with_tokens(pki) -> None:
-    config = Config(tls_cert=str(pki["server"]), tls_key=str(pki["server.key"]), auth_tokens=str(pki["tokens"]))
+    config = Config(tls_cert=str(pki["server"]), tls_key=str(pki["server.key"]), auth_tokens=str(pki["tokens"]),
+                    metrics_port=0)
     with serve("127.0.0.1:0", config) as srv:
         with gg.connect(srv.address, tls=gg.TLS(ca=pki["ca"]), token=TOKENS["alice"]) as client:
             assert len(client.list_ops()) > 10
+            g = gg.Graph("float64")
+            x = g.input("x", (None, 2))
+            g.set_loss(gg.sum(x * g.param("w", (2,))))
+            with client.session(g, {"w": np.array([3.0, -4.0])}) as sess:  # over its CallStream, with TLS
+                loss, grads = sess.forward_backward({"x": np.array([[1.0, 2.0]])})
+            assert loss == -5.0 and grads["w"].tolist() == [1.0, 2.0]
+            assert Scrape.of(srv.metrics_address).value("grpc_server_msg_received_total", grpc_method="CallStream",
+                                                        grpc_service=GRADIENT_SERVICE) >= 1
         with gg.connect(srv.address, tls=gg.TLS(ca=pki["ca"].read_bytes(), server_name="localhost"),
                         token=TOKENS["alice"]) as client:
             assert len(client.list_ops()) > 10
@@ -327,7 +340,8 @@ def test_readme_security_example_runs(pki, monkeypatch) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## Security"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    config = Config(tls_cert=str(pki["server"]), tls_key=str(pki["server.key"]), auth_tokens=str(pki["tokens"]))
+    config = Config(tls_cert=str(pki["server"]), tls_key=str(pki["server.key"]), auth_tokens=str(pki["tokens"]),
+                    metrics_port=0)
     monkeypatch.chdir(pki["ca"].parent)  # ca.pem is there
     with serve("127.0.0.1:0", config) as srv:
         printed = io.StringIO()

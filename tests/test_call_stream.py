@@ -2,6 +2,7 @@
 127.0.0.1, read back from its /metrics."""
 from __future__ import annotations
 
+import _thread
 import gc
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from gradgate_server.sessions import SessionStore
 
 import gradgate as gg
 import gradgate.call_stream
+import gradgate.streams
 from gradgate import GradgateError
 from gradgate import codec
 from gradgate.call_stream import CARRIED, CallStream
@@ -31,8 +33,17 @@ from gradgate.watchdog import Watchdog
 
 from cluster import tanh_chain
 from obs import GRADIENT_SERVICE, Scrape, served, wait_for
+from procs import ServerProcess
 
 STREAM = "CallStream"
+
+
+@pytest.fixture(autouse=True, params=["direct", "threaded"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both of gradgate.streams' transports: the caller's own thread, and
+    grpc's public stream with its threads (where grpcio's internal API differs)."""
+    monkeypatch.setattr(gradgate.streams, "DIRECT", request.param == "direct" and gradgate.streams.DIRECT)
+    return request.param
 
 
 @contextmanager
@@ -87,6 +98,21 @@ def mlp() -> gg.Graph:
 def batch(seed: int, n: int = 5) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.normal(size=(n, 6)), "y": rng.integers(0, 3, n)}
+
+
+def test_the_transport_under_test_is_the_one_in_use(transport: str) -> None:
+    """The direct transport drives grpcio's internal ``segregated_call``: with the grpcio
+    installed it must be available, or every stream would fall back to grpc's threads unseen."""
+    assert gradgate.streams.DIRECT == (transport == "direct"), f"grpcio {grpc.__version__}"
+    with served() as server, gg.connect(server.address, shared_memory=False) as client:
+        stream = client.open_stream(STREAM)
+        assert isinstance(stream, gradgate.streams.DirectStream if transport == "direct"
+                          else gradgate.streams.ThreadedStream)
+        stream.put(pb.StreamCall(get_parameters=pb.GetParametersRequest(session_id="gone")).SerializeToString())
+        with pytest.raises(grpc.RpcError) as error:  # a call's error ends the stream, as its status
+            next(stream)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and "gone" in error.value.details()
+        stream.abandon()
 
 
 def test_the_lecture_numbers_over_the_stream() -> None:
@@ -291,6 +317,53 @@ def test_a_call_past_its_timeout_is_cancelled_on_the_server() -> None:
         assert np.isfinite(loss)
 
 
+def test_ctrl_c_during_a_call_leaves_no_answer_for_the_next() -> None:
+    """KeyboardInterrupt while the caller waits on the stream (on the direct transport, inside
+    grpc's wait for the answer) ends the stream: the next call opens another and gets its own answer."""
+    g, params = tanh_chain(120, 600)  # >= 0.5 s at 600 rows
+    with served() as server, gg.connect(server.address, shared_memory=False) as client, \
+            client.session(g, params) as sess:
+        sess.forward({"x": np.zeros((1, 600))})  # opens the stream
+        timer = threading.Timer(0.15, _thread.interrupt_main)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            sess.forward({"x": np.ones((600, 600))})
+            time.sleep(5)  # (the interrupt lands here if the call was faster)
+        timer.join()
+        for k in (1.0, 2.0):
+            expected = np.full((1, 600), k)
+            for _ in range(120):
+                expected = np.tanh(expected @ params["W"])
+            assert sess.forward({"x": np.full((1, 600), k)}).loss == pytest.approx(float(expected.mean()), rel=1e-12)
+        assert streamed_calls(server) == 4 and unary_calls(server) == 0  # a second stream, not unary calls
+
+
+def test_ctrl_c_among_fast_calls_leaves_no_stream_open_and_no_lock_taken() -> None:
+    """Interrupts that land at random moments of a loop of fast calls, mostly inside grpc's
+    own bookkeeping: each ends its stream on the server too, and leaves no grpc lock taken,
+    so another thread's call on the same client is answered (it hung for good before)."""
+    def open_streams() -> float:
+        return count(server, "grpc_server_started_total", STREAM) - count(server, "grpc_server_handled_total", STREAM)
+
+    rng = np.random.default_rng(0)
+    x = {"x": np.array([-2.0])}
+    with served() as server, gg.connect(server.address, shared_memory=False, timeout=5) as client, \
+            client.session(lecture(), POINT) as sess, client.session(lecture(), POINT) as other:
+        expected = sess.forward(x).loss  # (x + y) * z = -12
+        assert expected == -12.0
+        for _ in range(20):
+            timer = threading.Timer(rng.uniform(0.001, 0.01), _thread.interrupt_main)
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(10_000):
+                    sess.forward(x)
+            timer.join()
+            with ThreadPoolExecutor(1) as pool:
+                assert pool.submit(other.forward, x).result(timeout=10).loss == expected
+            assert sess.forward(x).loss == expected
+            wait_for(lambda: open_streams() == 2, timeout=5, what="one stream open for each session")
+
+
 def test_threads_sharing_a_session_all_get_their_answers() -> None:
     g = mlp()
     params = gg.init_params(g, seed=2)
@@ -339,6 +412,39 @@ def test_a_script_that_never_closes_its_client_still_exits() -> None:
     assert done.returncode == 0, done.stderr
     assert np.isfinite(float(done.stdout))
     assert time.monotonic() - start < 20  # not the 60 s of the server's idle limit
+
+
+def test_a_script_that_exits_while_a_thread_is_in_a_call_exits_cleanly(transport: str) -> None:
+    """At exit a daemon thread is still in a loop of calls over its session's stream: the
+    stream is left to the process's end (taking its events from a second thread at exit gave
+    "KeyError: None" from grpc in half the runs, and read a freed completion queue). The server
+    runs in a process of its own: an embedded one has a race of its own at exit (grpcio's
+    server thread fails to hand a unary call to its executor, shut down by then)."""
+    script = textwrap.dedent(f"""
+        import sys, threading, time
+        import numpy as np
+        import gradgate as gg, gradgate.streams
+        gradgate.streams.DIRECT = {transport == "direct"} and gradgate.streams.DIRECT
+        g = gg.Graph("float64")
+        x, w = g.input("x", (None, 2)), g.param("w", (2, 1))
+        g.set_loss(gg.sum(x @ w))
+        client = gg.connect(sys.argv[1], shared_memory=False)
+        sess = client.session(g)
+        def calls():
+            while True:
+                sess.forward({{"x": np.ones((3, 2))}})
+        threading.Thread(target=calls, daemon=True).start()
+        time.sleep(0.3)
+        print("exiting", flush=True)
+    """)
+    server = ServerProcess()
+    try:
+        for _ in range(6):
+            done = subprocess.run([sys.executable, "-c", script, server.address], capture_output=True, text=True,
+                                  timeout=60)
+            assert done.returncode == 0 and done.stdout == "exiting\n" and done.stderr == "", done.stderr
+    finally:
+        server.close()
 
 
 def test_closing_a_session_while_another_thread_calls_it() -> None:
@@ -490,7 +596,8 @@ def test_a_request_that_comes_as_the_idle_wait_expires_runs_once(monkeypatch: py
     arm = Watchdog.arm
     monkeypatch.setattr(Watchdog, "arm", lambda self, key, seconds, expire: arm(
         self, key, seconds, lambda: (time.sleep(0.15), expire())))
-    g, params = tanh_chain(40, 600)  # a forward of ~0.5 s at 600 rows: still running when the late cancel comes
+    g, params = tanh_chain(120, 600)  # a forward of >= 0.5 s at 600 rows (two BLAS threads): still running
+    # when the late cancel comes
     small, big = {"x": np.ones((1, 600))}, {"x": np.ones((600, 600))}
     # (without shared memory: the big forward's request for a region would count as a stream message)
     with served(stream_idle_seconds=0.2) as server, gg.connect(server.address, shared_memory=False) as client, \

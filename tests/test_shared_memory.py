@@ -146,7 +146,7 @@ def test_an_answer_bigger_than_the_region_comes_on_the_stream() -> None:
 
 def test_a_call_past_its_timeout_on_the_pipes_is_cancelled_and_the_next_one_runs() -> None:
     with served() as server, gg.connect(server.address, timeout=0.2) as client, \
-            client.session(*tanh_chain(40, 600)) as sess:  # ~0.5 s at 600 rows
+            client.session(*tanh_chain(120, 600)) as sess:  # >= 0.5 s at 600 rows, on two BLAS threads too
         sess.forward({"x": np.ones((1, 600))})  # its stream now signals through the pipes
         with pytest.raises(gg.GradgateError) as late:
             sess.forward({"x": np.ones((600, 600))})

@@ -17,11 +17,10 @@ call can meet its answer.
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -31,6 +30,7 @@ from google.protobuf.message import Message
 from gradgate.codec import CodecError, decode_within, pieces_within
 from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.shared_memory import SUPPORTED, Pipes, Region, size_for
+from gradgate.streams import DirectStream, ThreadedStream
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
@@ -66,9 +66,8 @@ class CallStream:
     def __init__(self, client: Client, session_key: str):
         self._client, self._key = client, session_key
         self._lock = threading.Lock()
-        self._requests: queue.SimpleQueue | None = None
-        self._responses: Any = None  # grpc's call object: an iterator of the answers
-        self._ends: weakref.finalize | None = None
+        self._stream: DirectStream | ThreadedStream | None = None
+        self._ends: weakref.finalize | None = None  # abandons the stream if this is dropped without close
         self._closed = False
         self._refused_until = 0.0
         self._calls = 0
@@ -208,14 +207,15 @@ class CallStream:
         _IDLE.disarm(self._idle_key)
         self._close_region()  # the server's end with its stream
         self._close_pipes()
-        if self._ends is None:
+        stream, key = self._stream, (self, "end")
+        if stream is None or self._ends is None:
             return
-        self._ends()  # puts the None that ends the requests
-        responses, key = self._responses, (self, "end")
-        self._requests = self._responses = self._ends = None
-        _DEADLINES.arm(key, until - time.monotonic(), responses.cancel)
+        self._ends.detach()
+        self._stream = self._ends = None
+        stream.put(None)
+        _DEADLINES.arm(key, until - time.monotonic(), stream.cancel)
         try:
-            for _ in responses:
+            for _ in stream:
                 pass
         except (grpc.RpcError, ValueError):  # it had ended with an error already, took too long, or was
             pass  # interrupted in grpc's own code (ValueError: "Internal gRPC call error")
@@ -223,35 +223,34 @@ class CallStream:
             _DEADLINES.disarm(key)
 
     def _open(self) -> None:
-        self._requests, cell = queue.SimpleQueue(), []  # type: ignore[var-annotated]
-        multi, metadata = self._client.stream("CallStream", self._key)
-        self._responses = multi(_requests(self._requests, cell), metadata=metadata)
-        cell.append(self._responses)
-        self._ends = weakref.finalize(self, self._requests.put, None)  # also when dropped without close
+        self._stream = self._client.open_stream("CallStream", self._key)
+        self._ends = weakref.finalize(self, self._stream.abandon)
+        self._ends.atexit = False  # at exit another thread may still be in a call on it; the process ends it
 
     def _send(self, method: str, data: bytes, deadline: float, length: int = 0) -> bytes | None:
         """Send ``data`` (a StreamCall) and return the answer (a StreamAnswer), or None when the
         call should go unary instead. Signalled, a call in the region (``length`` bytes) goes as
         that length through the pipe, and an answer in the region comes back read out of it."""
-        if self._responses is None:
+        if self._stream is None:
             if time.monotonic() < self._refused_until:
                 return None
             self._open()
-        assert self._requests is not None
+        stream = self._stream
+        assert stream is not None
         self._calls += 1
         number = self._calls
         pipes = self._pipes
         if pipes is None or not (self._signalled or length):
-            self._requests.put(data)
+            stream.put(data)
             return self._receive(method, number, deadline)
         if not self._signalled:  # this call says so (in_region.signal), on the stream
-            self._requests.put(data)
+            stream.put(data)
             self._signalled = True
         elif not pipes.send(length):  # the server has ended the stream between calls: not sent, so unary
             self._end(deadline)
             return None
         elif not length:  # too big for the region: on the stream
-            self._requests.put(data)
+            stream.put(data)
         got = pipes.wait(deadline)
         if got is None:
             self._expire(number)
@@ -267,10 +266,10 @@ class CallStream:
     def _receive(self, method: str, number: int, deadline: float) -> bytes | None:
         """The stream's next message: the answer to call ``number``, or None if the stream ended
         or broke without it (the call goes unary); a call's error is raised."""
-        assert self._responses is not None
+        assert self._stream is not None
         _DEADLINES.arm((self, number), deadline - time.monotonic(), lambda: self._expire(number))
         try:
-            answer = next(self._responses)
+            answer = next(self._stream)
         except grpc.RpcError as e:
             self._end(min(deadline, time.monotonic() + 1.0))
             if self._expired == number:
@@ -297,10 +296,10 @@ class CallStream:
         return answer
 
     def _expire(self, number: int) -> None:
-        responses = self._responses
-        if number == self._calls and responses is not None:
+        stream = self._stream
+        if number == self._calls and stream is not None:
             self._expired = number
-            responses.cancel()
+            stream.cancel()
 
 
 def refused(error: grpc.RpcError) -> bool:
@@ -329,17 +328,3 @@ def _pause(ref: weakref.ref[CallStream]) -> Callable[[], None]:
         if stream is not None:
             stream.pause()
     return expire
-
-
-def _requests(inbox: queue.SimpleQueue, cell: list) -> Iterator[bytes]:
-    """What grpc sends on the stream: ``inbox``'s items until None, or until the call is over."""
-    while True:
-        try:
-            data = inbox.get(timeout=1.0)
-        except queue.Empty:
-            if cell and cell[0].done():
-                return
-            continue
-        if data is None:
-            return
-        yield data

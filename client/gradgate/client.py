@@ -31,9 +31,10 @@ from gradgate.errors import from_rpc_error
 from gradgate.graph import Graph
 from gradgate.memory import tune_malloc
 from gradgate.params import init_params
-from gradgate.security import TLS, secure_channel
+from gradgate.security import TLS, bearer, secure_channel
 from gradgate.session import Session
 from gradgate.shared_memory import on_this_host
+from gradgate.streams import DirectStream, ThreadedStream, open_stream
 from gradgate.v1 import gradient_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -162,10 +163,6 @@ def service_config(balanced: bool, retry_seconds: float) -> str:
     return json.dumps(config)
 
 
-def _routing(session_key: str) -> tuple[tuple[str, str], ...] | None:
-    return ((ROUTING_HEADER, session_key),) if session_key else None
-
-
 class Client:
     """One channel shared by every session; each call gets a ``timeout``-second deadline."""
 
@@ -196,6 +193,7 @@ class Client:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ], tls, token)
         self.max_message_bytes = max_message_bytes
+        self._bearer = bearer(token)
         self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
                        for name, (path, _) in _METHODS.items()}
 
@@ -216,7 +214,7 @@ class Client:
             return got
         try:
             answer = self._unary[method](encode(request, **arrays), timeout=max(deadline - time.monotonic(), 0.001),
-                                         metadata=_routing(session_key), wait_for_ready=wait_for_ready)
+                                         metadata=self._metadata(session_key), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return decode(answer, _METHODS[method][1])
@@ -226,7 +224,15 @@ class Client:
         path, _ = _METHODS[method]
         streaming = _SERVICE.methods_by_name[method].server_streaming
         make = self._channel.stream_stream if streaming else self._channel.stream_unary
-        return make(path, _registered_method=True), _routing(session_key)
+        return make(path, _registered_method=True), self._metadata(session_key)
+
+    def open_stream(self, method: str, session_key: str = "") -> DirectStream | ThreadedStream:
+        """A bidirectional stream of raw bytes (gradgate.streams), routed by ``session_key``."""
+        return open_stream(self._channel, _METHODS[method][0], self._metadata(session_key))
+
+    def _metadata(self, session_key: str) -> tuple[tuple[str, str], ...]:
+        """The ``x-session-id`` header that routes a call to its session's replica, and the token."""
+        return ((ROUTING_HEADER, session_key), *self._bearer) if session_key else self._bearer
 
     @overload
     def session(self, graph: Graph, params: Arrays | None = None, buffers: Arrays | None = None) -> Session: ...

@@ -7,7 +7,6 @@ with ``ca`` and sends ``authorization: Bearer <token>`` with every call;
 """
 from __future__ import annotations
 
-import collections
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -61,49 +60,23 @@ def _pem(value: PEM | None) -> bytes | None:
 
 def secure_channel(address: str, options: list[tuple[str, Any]], tls: TLS | bool | None = None,
                    token: str | None = None) -> grpc.Channel:
-    """A channel to ``address``: TLS when ``tls`` is set, and ``token`` on every call."""
+    """A channel to ``address``: TLS when ``tls`` is set. The caller sends ``bearer(token)``
+    with every call (its streams too, which grpc's interceptors would not reach: gradgate.streams)."""
     if tls:
         settings = tls if isinstance(tls, TLS) else TLS()
         if settings.server_name:
             options = [*options, ("grpc.ssl_target_name_override", settings.server_name)]
-        channel = grpc.secure_channel(address, settings.credentials(), options=options)
-    else:
-        if token and not _is_local(address):
-            log.warning("sending a bearer token to %s without TLS: anyone on the path can read it", address)
-        channel = grpc.insecure_channel(address, options=options)
-    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
+        return grpc.secure_channel(address, settings.credentials(), options=options)
+    if token and not _is_local(address):
+        log.warning("sending a bearer token to %s without TLS: anyone on the path can read it", address)
+    return grpc.insecure_channel(address, options=options)
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries ``token``: ``authorization: Bearer <token>``; none without one."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def _is_local(address: str) -> bool:
     host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
     return host in ("localhost", "127.0.0.1", "::1") or host.startswith("unix:")
-
-
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                           "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
-    pass
-
-
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds ``authorization: Bearer <token>`` to every call, streaming ones too."""
-
-    def __init__(self, token: str):
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
-        return _CallDetails(d.method, d.timeout, [*(d.metadata or ()), self._header], d.credentials,
-                            d.wait_for_ready, d.compression)
-
-    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: grpc.ClientCallDetails, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: grpc.ClientCallDetails, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
