@@ -317,13 +317,15 @@ def test_a_call_past_its_timeout_is_cancelled_on_the_server() -> None:
         assert np.isfinite(loss)
 
 
-def test_ctrl_c_during_a_call_leaves_no_answer_for_the_next() -> None:
-    """KeyboardInterrupt while the caller waits on the stream (on the direct transport, inside
-    grpc's wait for the answer) ends the stream: the next call opens another and gets its own answer."""
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["over the socket", "shared memory"])
+def test_ctrl_c_during_a_call_leaves_no_answer_for_the_next(shared_memory: bool) -> None:
+    """KeyboardInterrupt while the caller waits for an answer (inside grpc's wait on the
+    direct transport, in poll() on the pipes) ends the stream: the next call opens another
+    and gets its own answer, not the interrupted one's."""
     g, params = tanh_chain(120, 600)  # >= 0.5 s at 600 rows
-    with served() as server, gg.connect(server.address, shared_memory=False) as client, \
+    with served() as server, gg.connect(server.address, shared_memory=shared_memory) as client, \
             client.session(g, params) as sess:
-        sess.forward({"x": np.zeros((1, 600))})  # opens the stream
+        sess.forward({"x": np.zeros((1, 600))})  # opens the stream (and signals through the pipes from here on)
         timer = threading.Timer(0.15, _thread.interrupt_main)
         timer.start()
         with pytest.raises(KeyboardInterrupt):

@@ -2,15 +2,16 @@
 
 grpcio's stream-stream calls hand every message between three Python threads on the client
 (the caller, the one that reads the request iterator, the channel's poller), each waking the
-next and taking the GIL in turn: over loopback that is about a fifth of a small call's time.
+next and taking the GIL in turn: over loopback that was about a quarter of a small call's time.
 grpcio's blocking unary calls (and its single-threaded unary-stream calls) avoid that by
 polling a completion queue of the call's own from the calling thread (``segregated_call``);
 ``DirectStream`` does the same for a stream whose caller sends a message and then waits for
 its answer.
 
-``segregated_call`` is grpcio's internal API (``grpc._cython.cygrpc``, the same from grpcio
-1.62 to 1.85 at least): where its signature differs, ``open_stream`` gives a
-``ThreadedStream`` instead, grpcio's public stream-stream call with the same methods.
+``segregated_call`` is grpcio's internal API (``grpc._cython.cygrpc``, as in grpcio 1.85):
+where its signature differs, ``open_stream`` gives a ``ThreadedStream`` instead, grpcio's
+public stream-stream call with the same methods (the tests run every CallStream test on
+both, and fail if the direct one is not in use with the grpcio installed).
 """
 from __future__ import annotations
 
@@ -162,8 +163,8 @@ class DirectStream:
     def _take(self) -> tuple[str, Any]:
         try:
             event = self._call.next_event()
-        except BaseException:  # a signal handler raised: where, grpc's bookkeeping cannot tell, so
-            self.cancel()  # the server's end goes now, and the queue, maybe freed already, is left alone
+        except BaseException:  # raised by a signal handler (not a held Ctrl-C) anywhere in grpc's code:
+            self.cancel()  # the server's end goes now; the queue, which grpc may have freed, is left alone
             self._pending, self._sending = 0, False
             self._status = self._status or Ended(grpc.StatusCode.CANCELLED, "interrupted", ())
             raise
