@@ -257,6 +257,22 @@ def test_a_server_without_free_slots_gets_unary_calls() -> None:
         assert unary_calls(server) == 2 and streamed_calls(server) == 0
 
 
+def test_calls_after_the_client_is_closed_say_so() -> None:
+    """A session's call after its client's close is CANCELLED with that reason (grpc raised a
+    bare ValueError); closing the session then is harmless, and its stream ends on the server."""
+    with served() as server:
+        client = gg.connect(server.address, shared_memory=False)
+        sess = client.session(lecture(), POINT)
+        assert sess.forward({"x": np.array([-2.0])}).loss == -12.0  # over the stream
+        client.close()
+        for call in (lambda: sess.forward({"x": np.array([-2.0])}), sess.get_params, client.list_ops):
+            with pytest.raises(GradgateError) as closed:
+                call()
+            assert closed.value.code == grpc.StatusCode.CANCELLED and "client is closed" in closed.value.message
+        sess.close()
+        wait_for(lambda: ended(server) == 1, what="the session's stream ended on the server")
+
+
 def test_a_session_dropped_without_close_frees_its_stream() -> None:
     g = mlp()
     with served(max_call_streams=1) as server, gg.connect(server.address) as client:

@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 
 from gradgate.call_stream import CallStream
 from gradgate.codec import decode, encode
-from gradgate.errors import from_rpc_error
+from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.graph import Graph
 from gradgate.memory import tune_malloc
 from gradgate.params import init_params
@@ -193,6 +193,7 @@ class Client:
             ("grpc.max_reconnect_backoff_ms", 1000),
         ], tls, token)
         self.max_message_bytes = max_message_bytes
+        self.closed = False
         self._bearer = bearer(token)
         self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
                        for name, (path, _) in _METHODS.items()}
@@ -209,14 +210,19 @@ class Client:
         maps as read-only arrays. ``session_key`` goes into the ``x-session-id`` header that
         routes the call to its session's replica. ``stream``: send it there if it can carry it."""
         deadline = time.monotonic() + self.timeout  # one for the call, whichever way it goes
-        got = stream.call(method, request, arrays, deadline) if stream is not None else None
-        if got is not None:
-            return got
         try:
+            got = stream.call(method, request, arrays, deadline) if stream is not None else None
+            if got is not None:
+                return got
             answer = self._unary[method](encode(request, **arrays), timeout=max(deadline - time.monotonic(), 0.001),
                                          metadata=self._metadata(session_key), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!"
+            if self.closed:
+                raise GradgateError(grpc.StatusCode.CANCELLED, f"{method}: this client is closed (Client.close(), "
+                                                               "or the end of its with block)") from None
+            raise
         return decode(answer, _METHODS[method][1])
 
     def stream(self, method: str, session_key: str = "", timeout: float | None = None) -> Any:
@@ -261,6 +267,7 @@ class Client:
         return [OpInfo(op.name, tuple(op.inputs), dict(op.attrs), op.doc) for op in response.ops]
 
     def close(self) -> None:
+        self.closed = True
         self._channel.close()
         if self._server is not None:
             self._server.stop(None)

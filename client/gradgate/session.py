@@ -275,12 +275,15 @@ class Session:
         return check_session(self, batch, mode, params, train=train, forward_seed=forward_seed, **settings)
 
     def close(self) -> None:
-        """Free the session on the server. Closing twice, or a session the server already
-        expired, is harmless, so leaving a ``with`` block never hides the original error."""
+        """Free the session on the server. Closing twice, a session the server already
+        expired, or one whose client is closed (the server expires it after its TTL) is
+        harmless, so leaving a ``with`` block never hides the original error."""
         if not self._closed:
             self._closed = True
             if self._stream is not None:
                 self._stream.close()
+            if self.client.closed:
+                return
             try:
                 self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
             except GradgateError as e:
