@@ -23,7 +23,8 @@ from gradgate_server.engine import InvalidArgument
 import gradgate as gg
 import gradgate.call_stream
 from gradgate import codec
-from gradgate.shared_memory import Pipes, Region, on_this_host
+from gradgate.security import on_this_host
+from gradgate.shared_memory import Pipes, Region
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from cluster import tanh_chain

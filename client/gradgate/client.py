@@ -31,9 +31,8 @@ from gradgate.errors import GradgateError, from_rpc_error
 from gradgate.graph import Graph
 from gradgate.memory import tune_malloc
 from gradgate.params import init_params
-from gradgate.security import TLS, bearer, secure_channel
+from gradgate.security import TLS, bearer, on_this_host, secure_channel
 from gradgate.session import Session
-from gradgate.shared_memory import on_this_host
 from gradgate.streams import DirectStream, ThreadedStream, open_stream
 from gradgate.v1 import gradient_service_pb2 as pb
 

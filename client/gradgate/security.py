@@ -67,7 +67,7 @@ def secure_channel(address: str, options: list[tuple[str, Any]], tls: TLS | bool
         if settings.server_name:
             options = [*options, ("grpc.ssl_target_name_override", settings.server_name)]
         return grpc.secure_channel(address, settings.credentials(), options=options)
-    if token and not _is_local(address):
+    if token and not on_this_host(address):
         log.warning("sending a bearer token to %s without TLS: anyone on the path can read it", address)
     return grpc.insecure_channel(address, options=options)
 
@@ -77,6 +77,22 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _is_local(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("unix:")
+def on_this_host(address: str) -> bool:
+    """Whether every server ``address`` names (host:port, a comma-separated list of them, or
+    an ipv4:, ipv6:, dns: or unix: target) is on this host: a loopback IP address,
+    ``localhost``, or a unix socket (other names are not looked up). Only such a server is
+    asked for a shared-memory region (so no server elsewhere can point the SDK at a file of
+    this machine), and a token sent in plaintext anywhere else is warned of."""
+    return all(_local(target.strip()) for target in address.split(","))
+
+
+def _local(target: str) -> bool:
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):].rsplit("/", 1)[-1]  # dns://authority/host:port
+    host, colon, port = target.rpartition(":")
+    if not colon or "]" in port:  # no port, or a bare IPv6 address
+        host = target
+    return is_loopback(host)  # no name is looked up (that could take longer than the call may)

@@ -21,33 +21,15 @@ import time
 import weakref
 
 from gradgate.codec import Pieces
-from gradgate.security import is_loopback
 from gradgate.v1 import gradient_service_pb2 as pb
 
 SUPPORTED = os.path.isdir("/proc/self/fd") and hasattr(fcntl, "F_GET_SEALS")
-TOKEN_BYTES = 16
-_MEMFD = "/memfd:gradgate-call-stream"  # what /proc/<pid>/fd/<fd> of a server's region links to
+# the protocol, the server's side too (gradgate_server.shared_memory)
+NAME = "gradgate-call-stream"  # a region's memfd: /proc/<pid>/fd/<fd> links to "/memfd:<NAME> (deleted)"
+TOKEN_BYTES = 16  # the random token at a region's start
+WORD_BYTES = 8  # a length through a pipe, little-endian
+_MEMFD = f"/memfd:{NAME}"
 _SEALED = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
-
-
-def on_this_host(address: str) -> bool:
-    """Whether every server ``address`` names (host:port, a comma-separated list of them, or
-    an ipv4:, ipv6:, dns: or unix: target) is on this host: a loopback IP address,
-    ``localhost``, or a unix socket (other names are not looked up). Only such a server is
-    asked for a region, so no server elsewhere can point the SDK at a file of this machine."""
-    return all(_local(target.strip()) for target in address.split(","))
-
-
-def _local(target: str) -> bool:
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    for scheme in ("ipv4:", "ipv6:", "dns:"):
-        if target.startswith(scheme):
-            target = target[len(scheme):].rsplit("/", 1)[-1]  # dns://authority/host:port
-    host, colon, port = target.rpartition(":")
-    if not colon or "]" in port:  # no port, or a bare IPv6 address
-        host = target
-    return is_loopback(host)  # no name is looked up (that could take longer than the call may)
 
 
 class Region:
@@ -137,7 +119,7 @@ class Pipes:
     def send(self, length: int) -> bool:
         """False if the server has closed its end (the stream is over)."""
         try:
-            return os.write(self.calls, length.to_bytes(8, "little")) == 8
+            return os.write(self.calls, length.to_bytes(WORD_BYTES, "little")) == WORD_BYTES
         except OSError:  # BrokenPipeError, or a full pipe (a server not reading)
             return False
 
@@ -148,10 +130,10 @@ class Pipes:
             if time.monotonic() >= deadline:
                 return None
         try:
-            word = os.read(self.answers, 8)
+            word = os.read(self.answers, WORD_BYTES)
         except BlockingIOError:
             return 0
-        return int.from_bytes(word, "little") if len(word) == 8 else 0
+        return int.from_bytes(word, "little") if len(word) == WORD_BYTES else 0
 
     def close(self) -> None:
         self._closed()

@@ -23,13 +23,12 @@ import secrets
 import select
 from collections.abc import Callable, Iterator
 
+from gradgate.shared_memory import NAME, TOKEN_BYTES, WORD_BYTES
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from .engine import InvalidArgument
 from .metrics import Metrics
 
-TOKEN_BYTES = 16
-NAME = "gradgate-call-stream"  # the memfd's name: /proc/<pid>/fd/<fd> links to "/memfd:<NAME> (deleted)"
 MIN_BYTES = 2**20  # a region is never smaller: below that the stream's own message is as fast
 # peers that may be on this host; anyone else is refused at once (it could not map the region)
 _LOCAL = ("ipv4:127.", "ipv6:%5B::1%5D", "ipv6:%5B::ffff:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
@@ -110,15 +109,15 @@ class Pipes:
         while not self._poll.poll(250):
             if not alive():
                 return None
-        word = os.read(self.calls, 8)
-        if 0 < len(word) < 8:
-            raise InvalidArgument(f"{len(word)} bytes on the call pipe: write each length as 8 bytes at once",
-                                  "call_pipe")
+        word = os.read(self.calls, WORD_BYTES)
+        if 0 < len(word) < WORD_BYTES:
+            raise InvalidArgument(f"{len(word)} bytes on the call pipe: write each length as {WORD_BYTES} bytes "
+                                  "at once", "call_pipe")
         return int.from_bytes(word, "little") if word else None
 
     def signal(self, length: int) -> None:
         try:
-            os.write(self.answers, length.to_bytes(8, "little"))
+            os.write(self.answers, length.to_bytes(WORD_BYTES, "little"))
         except BrokenPipeError:  # the client is gone: the call pipe's end says so next
             pass
         except BlockingIOError:  # thousands of answers unread: this client is not following the protocol
