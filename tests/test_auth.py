@@ -204,7 +204,7 @@ def test_sdk_sends_its_token_with_every_call(token_server) -> None:
         loss, grads = sess.forward_backward(batch())
         assert np.isfinite(loss) and grads["W"].shape == (2, 3)
         assert len(client.list_ops()) > 10
-    # the session's calls went over its CallStream, which carried the token too (gradgate.streams)
+    # the session's calls went over its CallStream, which carried the token too (gradgate.transport)
     assert Scrape.of(token_server.metrics_address).value("grpc_server_msg_received_total", grpc_method="CallStream",
                                                          grpc_service=GRADIENT_SERVICE) >= 1
     with gg.connect(token_server.address) as client, pytest.raises(gg.GradgateError) as e:

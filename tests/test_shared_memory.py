@@ -24,7 +24,7 @@ import gradgate as gg
 import gradgate.call_stream
 from gradgate import codec
 from gradgate.security import on_this_host
-from gradgate.shared_memory import Pipes, Region
+from gradgate.shared_memory import ENDED, Pipes, Region
 from gradgate.v1 import gradient_service_pb2 as pb
 
 from cluster import tanh_chain
@@ -395,7 +395,7 @@ def test_a_torn_word_on_the_pipe_ends_the_stream() -> None:
         length = pipes.wait(time.monotonic() + 10)
         assert length and codec.decode_within(mapped.read(length) or b"", pb.StreamAnswer)[0] == "get_parameters"
         os.write(pipes.calls, b"abc")
-        assert pipes.wait(time.monotonic() + 10) == 0  # the pipe's end: the stream says why
+        assert pipes.wait(time.monotonic() + 10) == ENDED  # the pipe's end: the stream says why
         with pytest.raises(grpc.RpcError) as e:
             next(stream.answers)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "3 bytes on the call pipe" in e.value.details()

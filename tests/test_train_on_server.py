@@ -2,6 +2,7 @@
 over real gRPC, with a real server process killed mid-run, and client checkpoints."""
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -419,9 +421,8 @@ def test_forward_ids_keep_interleaved_threads_from_getting_others_gradients() ->
         def steps(i: int) -> None:
             own = gg.connect(server.address, timeout=20)  # its own SDK session object on the same server session
             for _ in range(40):
-                fwd = own._unary["Forward"]
                 request = pb.ForwardRequest(session_id=sess.id)
-                reply, _ = codec.decode(fwd(codec.encode(request, inputs=batches[i]), timeout=20), pb.ForwardResponse)
+                reply, _ = own.call("Forward", request, inputs=batches[i])
                 try:
                     _, arrays = own.call("Backward", pb.BackwardRequest(session_id=sess.id,
                                                                         forward_id=reply.forward_id))
@@ -593,3 +594,35 @@ def test_upload_and_train_wait_a_moment_for_a_stream_thread() -> None:
             assert e.value.code == Code.RESOURCE_EXHAUSTED and "streams are open" in e.value.message
             held.cancel()
             quiet.set()
+
+
+def test_ctrl_c_during_training_on_the_server_stops_it_there() -> None:
+    """A Ctrl-C while gg.train(on_server=True) waits for the server cancels its Train stream:
+    the KeyboardInterrupt comes at once, the server stops training, and the session and the
+    client serve the next calls, from this thread and from another."""
+    g = mlp()
+    data = spiral(30)
+    with serve("127.0.0.1:0", Config(metrics_port=0)) as server, gg.connect(server.address, timeout=20) as client, \
+            client.session(g, gg.init_params(g, seed=1)) as sess:
+        timer = threading.Timer(0.5, _thread.interrupt_main)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            gg.train(sess, data, gg.optim.SGD(0.1), epochs=100_000, batch_size=10, progress=False, on_server=True)
+            time.sleep(10)  # (not reached: 100,000 epochs take minutes)
+        timer.join()
+        assert time.monotonic() - started < 2.0
+
+        def cancelled() -> float:
+            return Scrape.of(server.metrics_address).value("grpc_server_handled_total", grpc_method="Train",
+                                                           grpc_code="Canceled")
+        wait_for(lambda: cancelled() == 1, timeout=5, what="the Train stream cancelled on the server")
+        trained = Scrape.of(server.metrics_address).value("gradgate_examples_processed_total")
+        time.sleep(0.3)
+        assert Scrape.of(server.metrics_address).value("gradgate_examples_processed_total") == trained  # stopped
+        params = sess.get_params()
+        loss = sess.forward({k: v[:5] for k, v in data.items()}).loss
+        with gg.connect(server.address, timeout=20) as here:
+            assert here.session(g, params).forward({k: v[:5] for k, v in data.items()}).loss == loss
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(sess.forward, {k: v[:5] for k, v in data.items()}).result(timeout=10).loss == loss

@@ -29,8 +29,8 @@ from google.protobuf.message import Message
 
 from gradgate.codec import CodecError, decode_within, pieces_within
 from gradgate.errors import GradgateError, from_rpc_error
-from gradgate.shared_memory import SUPPORTED, Pipes, Region, size_for
-from gradgate.streams import DirectStream, ThreadedStream
+from gradgate.shared_memory import ENDED, SUPPORTED, Pipes, Region, size_for
+from gradgate.transport import DirectStream, ThreadedStream
 from gradgate.v1 import gradient_service_pb2 as pb
 from gradgate.watchdog import Watchdog
 
@@ -125,13 +125,13 @@ class CallStream:
                                                           f"CallStream with {name or 'nothing'}")
         return response, got
 
-    def close(self) -> None:
+    def close(self, until: float) -> None:
         """For good (its session is closing): end the stream once a call in progress on it, another
-        thread's, has its answer; calls after this go unary."""
+        thread's, has its answer, waiting until ``until`` at most; calls after this go unary."""
         self._closed = True
-        if self._lock.acquire(timeout=self._client.timeout + 1):  # that call's deadline ends it before
+        if self._lock.acquire(timeout=max(until - time.monotonic(), 0.0)):  # else it ends when idle
             try:
-                self._end(time.monotonic() + self._client.timeout)
+                self._end(until)
             finally:
                 self._lock.release()
 
@@ -257,7 +257,9 @@ class CallStream:
             self._end(time.monotonic() + 1.0)
             raise GradgateError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{method} had no answer within {self._client.timeout:g} s")
-        if not got:  # the answer, or the stream's end, is on the stream
+        if got == ENDED:  # the server, or its end, ended the stream: so does this side (nginx holds the
+            stream.put(None)  # reset of a stream whose replica died until the client's side stirs)
+        if got <= 0:  # the answer, or the stream's end, is on the stream
             return self._receive(method, number, deadline)
         answer = self._from_region(method, got)
         _IDLE.arm(self._idle_key, IDLE_SECONDS, self._on_idle)

@@ -33,12 +33,13 @@ from gradgate.memory import tune_malloc
 from gradgate.params import init_params
 from gradgate.security import TLS, bearer, on_this_host, secure_channel
 from gradgate.session import Session
-from gradgate.streams import DirectStream, ThreadedStream, open_stream
+from gradgate.transport import DirectStream, Method, ThreadedStream, open_stream, unary
 from gradgate.v1 import gradient_service_pb2 as pb
 
 if TYPE_CHECKING:
     from gradgate.sharded import ShardedSession
 
+KEEPALIVE_MS = 2000  # >= the servers' grpc.http2.min_ping_interval_without_data_ms (gradgate_server.app)
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
 SERVICE = _SERVICE.full_name
 # method name -> (full path, response type); requests and responses cross grpc as bytes (gradgate.codec)
@@ -190,12 +191,17 @@ class Client:
             # reconnect to a restarted replica within about a second
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # a PING every 2 s while calls are open (servers allow one a second): a dead connection
+            # fails its calls within keepalive_timeout, and nginx 1.22, which holds the reset of a
+            # stream whose replica died until its client's connection stirs, sends it then
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ], tls, token)
         self.max_message_bytes = max_message_bytes
         self.closed = False
         self._bearer = bearer(token)
-        self._unary = {name: self._channel.unary_unary(path, _registered_method=True)
-                       for name, (path, _) in _METHODS.items()}
+        self._methods = {name: Method(self._channel, path) for name, (path, _) in _METHODS.items()}
 
     @functools.cached_property
     def on_this_host(self) -> bool:
@@ -203,37 +209,49 @@ class Client:
         return on_this_host(self.address)
 
     def call(self, method: str, request: Message, session_key: str = "", wait_for_ready: bool | None = None,
-             stream: CallStream | None = None, **arrays: Mapping[str, Any] | None) -> Reply:
+             stream: CallStream | None = None, deadline: float | None = None,
+             **arrays: Mapping[str, Any] | None) -> Reply:
         """Run one unary RPC by name: ``request`` with its tensor maps given as ``arrays``
         (``inputs={"x": x}``); returns the response without its tensor maps, and those
         maps as read-only arrays. ``session_key`` goes into the ``x-session-id`` header that
-        routes the call to its session's replica. ``stream``: send it there if it can carry it."""
-        deadline = time.monotonic() + self.timeout  # one for the call, whichever way it goes
+        routes the call to its session's replica. ``stream``: send it there if it can carry it.
+        ``deadline`` (time.monotonic's clock): when it must be answered, by default ``timeout``
+        seconds from now (one for the call, whichever way it goes)."""
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
         try:
             got = stream.call(method, request, arrays, deadline) if stream is not None else None
             if got is not None:
                 return got
-            answer = self._unary[method](encode(request, **arrays), timeout=max(deadline - time.monotonic(), 0.001),
-                                         metadata=self._metadata(session_key), wait_for_ready=wait_for_ready)
+            answer = unary(self._methods[method], encode(request, **arrays),
+                           max(deadline - time.monotonic(), 0.001), self._metadata(session_key), wait_for_ready)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         except ValueError:  # grpc's "Cannot invoke RPC on closed channel!"
             if self.closed:
-                raise GradgateError(grpc.StatusCode.CANCELLED, f"{method}: this client is closed (Client.close(), "
-                                                               "or the end of its with block)") from None
+                raise self._closed(method) from None
             raise
         return decode(answer, _METHODS[method][1])
 
-    def stream(self, method: str, session_key: str = "", timeout: float | None = None) -> Any:
-        """The raw multi-callable of a streaming RPC (requests and responses as bytes), and its metadata."""
+    def stream(self, method: str, session_key: str = "") -> Any:
+        """grpcio's raw multi-callable of a streaming RPC (requests and responses as bytes),
+        and its metadata: for a caller that drives the stream's messages itself."""
         path, _ = _METHODS[method]
         streaming = _SERVICE.methods_by_name[method].server_streaming
         make = self._channel.stream_stream if streaming else self._channel.stream_unary
         return make(path, _registered_method=True), self._metadata(session_key)
 
-    def open_stream(self, method: str, session_key: str = "") -> DirectStream | ThreadedStream:
-        """A bidirectional stream of raw bytes (gradgate.streams), routed by ``session_key``."""
-        return open_stream(self._channel, _METHODS[method][0], self._metadata(session_key))
+    def open_stream(self, method: str, session_key: str = "",
+                    timeout: float | None = None) -> DirectStream | ThreadedStream:
+        """A stream of raw bytes to ``method`` (gradgate.transport), routed by ``session_key``,
+        within ``timeout`` seconds (None: no deadline)."""
+        if self.closed:  # grpc would raise a bare ValueError: Cannot invoke RPC on closed channel!
+            raise self._closed(method)
+        return open_stream(self._methods[method], self._metadata(session_key), timeout)
+
+    @staticmethod
+    def _closed(method: str) -> GradgateError:
+        return GradgateError(grpc.StatusCode.CANCELLED, f"{method}: this client is closed (Client.close(), "
+                                                        "or the end of its with block)")
 
     def _metadata(self, session_key: str) -> tuple[tuple[str, str], ...]:
         """The ``x-session-id`` header that routes a call to its session's replica, and the token."""

@@ -61,7 +61,7 @@ def _pem(value: PEM | None) -> bytes | None:
 def secure_channel(address: str, options: list[tuple[str, Any]], tls: TLS | bool | None = None,
                    token: str | None = None) -> grpc.Channel:
     """A channel to ``address``: TLS when ``tls`` is set. The caller sends ``bearer(token)``
-    with every call (its streams too, which grpc's interceptors would not reach: gradgate.streams)."""
+    with every call (its streams too, which grpc's interceptors would not reach: gradgate.transport)."""
     if tls:
         settings = tls if isinstance(tls, TLS) else TLS()
         if settings.server_name:

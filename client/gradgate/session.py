@@ -32,6 +32,7 @@ from gradgate.v1 import graph_pb2, train_pb2
 if TYPE_CHECKING:
     from gradgate.client import Client
     from gradgate.optim import Optimizer
+    from gradgate.transport import DirectStream, ThreadedStream
 
 Arrays = Mapping[str, Any]
 log = logging.getLogger("gradgate")
@@ -85,9 +86,9 @@ class Session:
         self.buffer_specs: dict[str, TensorSpec] = {
             v.name: TensorSpec(v.name, tuple(v.shape), dtype_of(v.dtype).name) for v in response.buffers}
 
-    def _create(self) -> Any:
+    def _create(self, deadline: float | None = None) -> Any:
         response, _ = self.client.call("CreateSession", pb.CreateSessionRequest(graph=self._graph), self.key,
-                                       params=self._params, buffers=self._buffers)
+                                       deadline=deadline, params=self._params, buffers=self._buffers)
         self.id: str = response.session_id
         return response
 
@@ -97,24 +98,27 @@ class Session:
         return {name: np.asarray(a, dtypes.get(name)) for name, a in arrays.items()} if arrays else {}
 
     def _call(self, method: str, request: Any, **arrays: Any) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
-        """One RPC on this session; a session the server lost is re-created once (see the module doc)."""
+        """One RPC on this session; a session the server lost is re-created once (see the module
+        doc), all within the client's timeout."""
         stream = self._stream if method in CARRIED else None
+        deadline = time.monotonic() + self.client.timeout
         try:
-            return self.client.call(method, request, self.key, stream=stream, **arrays)
+            return self.client.call(method, request, self.key, stream=stream, deadline=deadline, **arrays)
         except GradgateError as e:
             if e.code != grpc.StatusCode.NOT_FOUND or self._closed or not self.client.recover_sessions:
                 raise
         lost = self.id
-        self._create()
+        self._create(deadline)
         if method == "Backward" and self._last_forward is not None:
             forward_method, forward_request, forward_arrays = self._last_forward
             forward_request.session_id = self.id
-            replayed, _ = self.client.call(forward_method, forward_request, self.key, **forward_arrays)
+            replayed, _ = self.client.call(forward_method, forward_request, self.key, deadline=deadline,
+                                           **forward_arrays)
             request.forward_id = self._forward_id = self._thread.forward_id = replayed.forward_id
         log.warning("session %s... was not found on the server (restarted, expired or another replica); "
                     "re-created it as %s... from the parameters last sent", lost[:8], self.id[:8])
         request.session_id = self.id
-        return self.client.call(method, request, self.key, stream=stream, **arrays)
+        return self.client.call(method, request, self.key, stream=stream, deadline=deadline, **arrays)
 
     def _sent(self, params: dict[str, np.ndarray], forward: tuple[str, Any, dict[str, Any]] | None,
               forward_id: int = 0, buffers: dict[str, np.ndarray] | None = None) -> None:
@@ -186,43 +190,68 @@ class Session:
                     train_pb2.UploadDataRequest()
                 yield encode(request, columns={k: a[start:start + step] for k, a in columns.items()})
 
-        call, metadata = self._data_stream("UploadData")
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
+
+        def send() -> bytes | None:
+            stream = self._data_stream("UploadData", timeout)
+            try:
+                for chunk in chunks():
+                    stream.put(chunk)
+                stream.put(None)
+                reply = next(stream, None)
+                for _ in stream:  # its status
+                    pass
+                return reply
+            except BaseException:
+                stream.abandon()
+                raise
         try:  # a server whose stream threads are all taken may have one free a moment later
-            reply = when_free(lambda: call(chunks(), timeout=timeout, metadata=metadata), self.client.retry_seconds)
+            reply = when_free(send, self.client.retry_seconds)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        if reply is None:
+            raise GradgateError(grpc.StatusCode.INTERNAL, "the server ended UploadData without an answer")
         return int(decode(reply, train_pb2.UploadDataResponse)[0].bytes)
 
     def train_stream(self, optimizer: Optimizer, batch_size: int, epochs: int, seed: int, start_step: int = 0,
                      sync_every: int = 0) -> Iterator[train_pb2.TrainResponse]:
-        """The server's Train stream over the uploaded data (gg.train(on_server=True) drives it)."""
+        """The server's Train stream over the uploaded data (gg.train(on_server=True) drives it);
+        it is cancelled when this generator is closed before its end."""
         start = train_pb2.TrainStart(session_id=self.id, optimizer=optimizer.to_proto(), batch_size=batch_size,
                                      epochs=epochs, seed=seed, start_step=start_step, sync_every=sync_every)
         if optimizer.step_count or start_step:
             start.optimizer_state.step = optimizer.step_count
             to_tensor_map(optimizer.state(), start.optimizer_state.slots)
-        call, metadata = self._data_stream("Train")
         request = train_pb2.TrainRequest(start=start).SerializeToString()
 
-        def opened() -> tuple[Iterator[bytes], bytes | None]:  # a refusal comes as the first answer
-            responses = call(iter([request]), metadata=metadata)
-            return responses, next(responses, None)
+        def opened() -> tuple[DirectStream | ThreadedStream, bytes | None]:  # a refusal comes as the first answer
+            stream = self._data_stream("Train")
+            try:
+                stream.put(request)
+                stream.put(None)
+                return stream, next(stream, None)
+            except BaseException:
+                stream.abandon()
+                raise
 
+        stream = None
         try:
-            responses, data = when_free(opened, self.client.retry_seconds)
+            stream, data = when_free(opened, self.client.retry_seconds)
             while data is not None:
                 yield train_pb2.TrainResponse.FromString(data)
-                data = next(responses, None)
+                data = next(stream, None)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        finally:
+            if stream is not None:
+                stream.abandon()  # a no-op once it has ended
 
-    def _data_stream(self, method: str) -> tuple[Any, Any]:
-        """The multi-callable of UploadData or Train, and its metadata; the session's CallStream
-        pauses first, so the server thread it holds serves them."""
+    def _data_stream(self, method: str, timeout: float | None = None) -> DirectStream | ThreadedStream:
+        """A stream of UploadData or Train; the session's CallStream pauses first, so the server
+        thread it holds serves it."""
         if self._stream is not None:
             self._stream.pause()
-        return self.client.stream(method, self.key)
+        return self.client.open_stream(method, self.key, timeout)
 
     def _synced(self, sync: train_pb2.TrainSync, optimizer: Optimizer) -> dict[str, np.ndarray]:
         """Take a Train sync: the server's parameters and the optimizer's state as of it."""
@@ -280,12 +309,14 @@ class Session:
         harmless, so leaving a ``with`` block never hides the original error."""
         if not self._closed:
             self._closed = True
+            deadline = time.monotonic() + self.client.timeout  # for both: a frozen server costs one timeout
             if self._stream is not None:
-                self._stream.close()
+                self._stream.close(deadline)
             if self.client.closed:
                 return
             try:
-                self._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+                self.client.call("CloseSession", pb.CloseSessionRequest(session_id=self.id), self.key,
+                                 deadline=max(deadline, time.monotonic() + 0.001))
             except GradgateError as e:
                 if e.code != grpc.StatusCode.NOT_FOUND:
                     raise

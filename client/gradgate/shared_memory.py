@@ -86,6 +86,9 @@ def size_for(message_bytes: int, limit: int) -> int:
     return min(limit, max(2**20, -(-2 * message_bytes // 2**20) * 2**20))
 
 
+ENDED = -1  # Pipes.wait: the server closed its end of the pipes
+
+
 class Pipes:
     """The client's ends of a region's pipes: ``send`` a call's length (0: the call is on the
     stream), ``wait`` for an answer's."""
@@ -124,8 +127,8 @@ class Pipes:
             return False
 
     def wait(self, deadline: float) -> int | None:
-        """The answer's length (0: on the stream, or the pipe's end: the stream's end), or None
-        once ``deadline`` (time.monotonic) has passed."""
+        """The answer's length (0: on the stream; ENDED: the server closed its end, so the
+        stream is over), or None once ``deadline`` (time.monotonic) has passed."""
         while not self._poll.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000))):
             if time.monotonic() >= deadline:
                 return None
@@ -133,6 +136,8 @@ class Pipes:
             word = os.read(self.answers, WORD_BYTES)
         except BlockingIOError:
             return 0
+        if not word:
+            return ENDED
         return int.from_bytes(word, "little") if len(word) == WORD_BYTES else 0
 
     def close(self) -> None:

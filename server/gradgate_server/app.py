@@ -119,7 +119,10 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     metrics.watch_store(store)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               # the SDK pings every 2 s while it has calls open (gradgate.client.KEEPALIVE_MS);
+               # grpc's default (5 min) would end its connection with "too many pings"
+               ("grpc.http2.min_ping_interval_without_data_ms", 1000)]
     if config.max_connection_age_seconds > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
