@@ -14,10 +14,10 @@ once grpc is done. ``unary`` is grpcio's blocking unary call made that way; the 
 streams (CallStream, UploadData, Train) are ``open_stream``'s.
 
 ``segregated_call`` is grpcio's internal API (``grpc._cython.cygrpc``, as in grpcio 1.85):
-where its signature differs, ``unary`` makes grpcio's public unary call and ``open_stream``
-gives a ``ThreadedStream``, grpcio's public stream-stream call with the same methods, both
-without the hold (the tests run every CallStream test on both, and fail if the direct one is
-not in use with the grpcio installed).
+where its signature differs, ``unary`` makes grpcio's public unary call, without the hold
+(so a Ctrl-C can hang the client as before), and ``open_stream`` gives a ``ThreadedStream``,
+grpcio's public stream-stream call with the same methods (the tests run every CallStream
+test on both, and fail if the direct one is not in use with the grpcio installed).
 """
 from __future__ import annotations
 
