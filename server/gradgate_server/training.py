@@ -23,7 +23,7 @@ from gradgate.v1 import train_pb2
 
 from .config import Config
 from .engine import DeadlineExceeded, InvalidArgument, ResourceExhausted, backward, forward
-from .engine.cost import admit
+from .engine.cost import Cost, admit
 from .engine.ops import BATCH, fmt
 from .metrics import Metrics
 from .rpc import Call, Requests
@@ -107,13 +107,15 @@ class Training:
             self.store.commit(session, extra_bytes=optimizer.state_bytes(session.params))
             session.training = True
         step, losses, first_step, flushed = start.start_step, [], start.start_step, time.monotonic()
+        costs: dict[int, Cost] = {}  # by batch size: admitted once each
         try:
             for rows in steps:
                 if not context.is_active():
                     raise DeadlineExceeded(f"the Train call ended (cancelled or past its deadline) at step {step}")
                 # the seed gg.train sends with the same step, so both loops draw the same dropout masks
                 try:
-                    losses.append(self._step(start.session_id, rows, optimizer, schedule.step_seed(start.seed, step)))
+                    losses.append(self._step(start.session_id, rows, optimizer, schedule.step_seed(start.seed, step),
+                                             costs))
                 except (InvalidArgument, ResourceExhausted) as e:  # this batch's fault: say which step it was
                     raise type(e)(f"step {step}: {e.message}", e.field) from None
                 step += 1
@@ -179,11 +181,14 @@ class Training:
         return steps, optimizer
 
     def _step(self, session_id: str, rows: np.ndarray | slice, optimizer: optim.SGD | optim.Adam,
-              seed: int) -> float:
+              seed: int, costs: dict[int, Cost]) -> float:
         with self.store.use(session_id) as session:
             plan = session.plan
             inputs = {name: column[rows] for name, column in session.data.items()}
-            cost = admit(plan, inputs, self.config.limits, backward=True)  # bounded before anything is allocated
+            size = len(next(iter(inputs.values())))
+            cost = costs.get(size)
+            if cost is None:  # bounded before anything is allocated; a batch's cost depends on its size alone
+                cost = costs[size] = admit(plan, inputs, self.config.limits, backward=True)
             tape = forward(plan, inputs, session.params, session.buffers, seed=seed, batch=cost.batch)
             grads = backward(plan, tape, plan.params)
             with np.errstate(all="ignore"):  # a diverging run gives NaN losses, not warnings on stderr
