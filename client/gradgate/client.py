@@ -39,7 +39,7 @@ from gradgate.v1 import gradient_service_pb2 as pb
 if TYPE_CHECKING:
     from gradgate.sharded import ShardedSession
 
-KEEPALIVE_MS = 2000  # >= the servers' grpc.http2.min_ping_interval_without_data_ms (gradgate_server.app)
+KEEPALIVE_MS = 2000  # a PING's interval; gradgate servers allow twice as many (gradgate_server.app)
 _SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"]
 SERVICE = _SERVICE.full_name
 # method name -> (full path, response type); requests and responses cross grpc as bytes (gradgate.codec)

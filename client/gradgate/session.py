@@ -193,8 +193,7 @@ class Session:
         timeout = self.client.timeout + rows * row_bytes / 50e6  # seconds: allow for 50 MB/s at least
 
         def send() -> bytes | None:
-            stream = self._data_stream("UploadData", timeout)
-            try:
+            with self._data_stream("UploadData", timeout) as stream:
                 for chunk in chunks():
                     stream.put(chunk)
                 stream.put(None)
@@ -202,9 +201,6 @@ class Session:
                 for _ in stream:  # its status
                     pass
                 return reply
-            except BaseException:
-                stream.abandon()
-                raise
         try:  # a server whose stream threads are all taken may have one free a moment later
             reply = when_free(send, self.client.retry_seconds)
         except grpc.RpcError as e:
@@ -225,14 +221,10 @@ class Session:
         request = train_pb2.TrainRequest(start=start).SerializeToString()
 
         def opened() -> tuple[DirectStream | ThreadedStream, bytes | None]:  # a refusal comes as the first answer
-            stream = self._data_stream("Train")
-            try:
+            with self._data_stream("Train") as stream:
                 stream.put(request)
                 stream.put(None)
                 return stream, next(stream, None)
-            except BaseException:
-                stream.abandon()
-                raise
 
         stream = None
         try:
@@ -316,7 +308,7 @@ class Session:
                 return
             try:
                 self.client.call("CloseSession", pb.CloseSessionRequest(session_id=self.id), self.key,
-                                 deadline=max(deadline, time.monotonic() + 0.001))
+                                 deadline=deadline)
             except GradgateError as e:
                 if e.code != grpc.StatusCode.NOT_FOUND:
                     raise

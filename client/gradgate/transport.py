@@ -49,6 +49,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _START, _SEND, _RECEIVE, _STATUS = "start", "send", "receive", "status"
 Metadata = Sequence[tuple[str, str]] | None
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 class Method:
@@ -140,6 +141,17 @@ def _ended(status: Any) -> Ended:
                  tuple(status.trailing_metadata() or ()))
 
 
+class _Abandoned:
+    """``with stream:`` abandons the stream if the block raises (an error, a Ctrl-C)."""
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None:
+            self.abandon()  # type: ignore[attr-defined]
+
+
 class _Call:
     """A grpc call whose events its caller takes from the call's own queue (``take``), started
     with ``operations`` ((operations, tag) pairs). grpc frees the call and its queue with the
@@ -191,7 +203,7 @@ class _Call:
         return event.tag, event
 
 
-class DirectStream(_Call):
+class DirectStream(_Call, _Abandoned):
     """``put(message)`` sends a message (None: no more), ``next(stream)`` waits for the next
     one from the server: StopIteration once the server ended the stream with OK, ``Ended``
     (a grpc.RpcError) with any other status. ``cancel()`` may come from any thread, the rest
@@ -261,7 +273,7 @@ class DirectStream(_Call):
         return tag, event
 
 
-class ThreadedStream:
+class ThreadedStream(_Abandoned):
     """The same stream as grpcio's public stream-stream call, with grpcio's threads."""
 
     def __init__(self, method: Method, metadata: Metadata, timeout: float | None = None):

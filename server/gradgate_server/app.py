@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import gradgate
+from gradgate.client import KEEPALIVE_MS
 from gradgate.memory import release_memory, tune_malloc
 from gradgate.security import is_loopback
 from gradgate.v1 import gradient_service_pb2
@@ -120,9 +121,9 @@ def serve(address: str = "127.0.0.1:0", config: Config | None = None) -> Server:
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.so_reuseport", 0),
-               # the SDK pings every 2 s while it has calls open (gradgate.client.KEEPALIVE_MS);
-               # grpc's default (5 min) would end its connection with "too many pings"
-               ("grpc.http2.min_ping_interval_without_data_ms", 1000)]
+               # the SDK pings while it has calls open: grpc's default (one ping in 5 min) would
+               # end its connection with "too many pings"
+               ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
     if config.max_connection_age_seconds > 0:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
